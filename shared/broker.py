@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -79,10 +80,11 @@ class Broker:
     proc: subprocess.Popen | None = None
     workdir: Path | None = None
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    scheme: str = "mqtt"
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -106,6 +108,20 @@ class Broker:
 def start_mosquitto(port: int | None = None, *, host: str = "127.0.0.1", extra_config: str = "",
                     message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT, timeout: float = 10.0) -> Broker:
     """Start ``mosquitto`` with our own config on a free port (or ``port``)."""
+    return start_mosquitto_with(
+        lambda port, _workdir: mosquitto_config(port, host=host, message_size_limit=message_size_limit,
+                                                extra=extra_config),
+        port, host=host, timeout=timeout)
+
+
+def start_mosquitto_with(config: Callable[[int, Path], str], port: int | None = None, *, host: str = "127.0.0.1",
+                         scheme: str = "mqtt", timeout: float = 10.0) -> Broker:
+    """Start ``mosquitto`` with the configuration ``config(port, workdir)`` returns.
+
+    Why a callable: a TLS/ACL broker needs its ACL file and persistence directory next to
+    the config, in the private workdir that only exists once the broker is being started.
+    ``scheme`` is what ``Broker.url`` reports (``mqtts`` for a TLS listener).
+    """
     binary = shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
     if binary is None:
@@ -114,10 +130,10 @@ def start_mosquitto(port: int | None = None, *, host: str = "127.0.0.1", extra_c
     port = port or free_port()
     tmp = tempfile.TemporaryDirectory(prefix="fedmq-mosquitto-")
     conf = Path(tmp.name) / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port, host=host, message_size_limit=message_size_limit, extra=extra_config))
+    conf.write_text(config(port, Path(tmp.name)))
     stderr = open(Path(tmp.name) / "mosquitto.log", "wb")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr)
-    broker = Broker("mosquitto", host, port, proc, Path(tmp.name), tmp)
+    broker = Broker("mosquitto", host, port, proc, Path(tmp.name), tmp, scheme=scheme)
     try:
         wait_for_port(host, port, timeout, proc)
     except BrokerStartError as e:

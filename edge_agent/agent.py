@@ -1,0 +1,242 @@
+"""The edge agent daemon: one hospital's outbound-only participant in a federation.
+
+It connects out to the broker (nothing listens at the hospital), announces itself on a
+retained status topic with a last will that marks it offline, and follows the
+orchestrator's retained round command: fetch the model (verified by sha256), score it on
+the local test set, train on local data, send the update, keep it until acknowledged.
+A restarted agent resends an unacknowledged update instead of losing or redoing its work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import zlib
+from importlib.metadata import PackageNotFoundError, version
+
+from edge_agent.data import DataError, LocalDataset, load_dataset
+from edge_agent.state import AgentState
+from edge_agent.trainer import TrainingError, evaluate, train
+from shared.blobs import BlobInbox, BlobOutbox, ChunkError, iter_chunks, make_manifest
+from shared.codec import CompressionSettings, encode_tensors
+from shared.config import AgentSettings
+from shared.onnx_model import load_model_bytes
+from shared.protocol import (ChunkRequest, ProtocolError, RoundCommand, SiteState, SiteStatus, TaskSpec, UpdateAck,
+                             UpdateReport, parse_message)
+from shared.topics import Topics
+from shared.transport import Incoming, Transport
+
+log = logging.getLogger(__name__)
+
+UPDATE_MEDIA_TYPE = "application/x-fedmq-tensors"
+
+try:
+    AGENT_VERSION = version("fedmq")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    AGENT_VERSION = "0+source"
+
+
+def round_seed(seed: int, site: str, round_no: int) -> int:
+    """Different sites must not draw identical batches; the same site and round always do."""
+    return (seed * 1_000_003 + round_no * 1009 + zlib.crc32(site.encode())) & 0x7FFFFFFF
+
+
+class EdgeAgent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.site = settings.site_id
+        self.topics = Topics(settings.federation)
+        self.state = AgentState(settings.state_dir)
+        self.command: RoundCommand | None = None
+        self._data: tuple[TaskSpec, LocalDataset] | None = None
+        offline = self._status_message("offline")
+        self.transport = Transport(settings, f"fedmq-{settings.federation}-{self.site}",
+                                   will=(self.topics.site(self.site, "status"), offline.to_bytes()),
+                                   max_message_bytes=settings.chunk_size + 65536)
+        self.inbox = BlobInbox(max_blob_bytes=settings.max_blob_bytes)
+        self.outbox = BlobOutbox()
+        self.current_state: SiteState = "online"
+        self._ack_due: float | None = None
+        self._last_heartbeat = 0.0
+        self.rejected = 0
+
+    # lifetime -------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        t = self.transport
+        t.start()
+        t.subscribe(self.topics.round)
+        t.subscribe(self.topics.broadcast_chunks)
+        t.subscribe(self.topics.to_site_all(self.site))
+        self.set_status("idle")
+        if self.state.record.pending is not None:
+            log.info("an update for %s was not acknowledged before the restart; it will be sent again",
+                     self.state.record.pending.report.round_id)
+            self._ack_due = time.monotonic() + 2.0  # the retained round command usually triggers it sooner
+        try:
+            while not stop.is_set():
+                msg = t.get(0.2)
+                if msg is not None:
+                    self.handle(msg)
+                self._housekeeping()
+        finally:
+            t.stop()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self._ack_due is not None and now > self._ack_due:
+            log.warning("no acknowledgement for our update yet; sending it again")
+            self._publish_pending()
+        for blob_id in self.inbox.stalled(older_than=3.0):
+            req = ChunkRequest(federation=self.settings.federation, sender=self.site, blob_id=blob_id,
+                               indices=self.inbox.missing(blob_id))
+            log.info("asking for %d missing chunks of model blob %s", len(req.indices), blob_id[:12])
+            self.transport.publish(self.topics.site(self.site, "request"), req.to_bytes())
+        if now - self._last_heartbeat > self.settings.heartbeat_seconds:
+            self._last_heartbeat = now
+            self.state.health_file().write_text(json.dumps({
+                "time": time.time(), "connected": self.transport.connected.is_set(), "state": self.current_state,
+                "model_version": self.state.record.model_version}))
+
+    def _status_message(self, state: SiteState, detail: str = "") -> SiteStatus:
+        return SiteStatus(federation=self.settings.federation, sender=self.site, state=state,
+                          agent_version=AGENT_VERSION, model_version=self.state.record.model_version,
+                          round_id=self.command.round_id if self.command else None,
+                          num_samples=self._data[1].num_train if self._data else None, detail=detail)
+
+    def set_status(self, state: SiteState, detail: str = "") -> None:
+        self.current_state = state
+        self.transport.publish(self.topics.site(self.site, "status"), self._status_message(state, detail).to_bytes(),
+                               retain=True)
+
+    # routing --------------------------------------------------------------------------------
+    def handle(self, msg: Incoming) -> None:
+        try:
+            if Topics.is_chunk(msg.topic):
+                self._on_chunk(msg.payload)
+                return
+            message = parse_message(msg.payload)
+            if message.federation != self.settings.federation:
+                raise ProtocolError(f"message is for federation {message.federation!r}, this agent is in "
+                                    f"{self.settings.federation!r}")
+            if message.sender != "orchestrator":
+                raise ProtocolError(f"only the orchestrator may send on {msg.topic}, not {message.sender!r}")
+            if isinstance(message, RoundCommand):
+                self._on_round(message)
+            elif isinstance(message, UpdateAck):
+                self._on_ack(message)
+            elif isinstance(message, ChunkRequest):
+                self._on_chunk_request(message)
+        except (ProtocolError, ChunkError) as e:
+            self.rejected += 1
+            log.warning("rejected a message on %s: %s", msg.topic, e)
+
+    def _on_round(self, cmd: RoundCommand) -> None:
+        if self.state.is_complete(cmd.round_id):
+            return
+        if self.site not in cmd.selected:
+            self.command = None
+            self.set_status("idle", f"not selected for round {cmd.round}")
+            return
+        pending = self.state.record.pending
+        if pending is not None and pending.report.round_id == cmd.round_id:
+            self._publish_pending()
+            return
+        if self.command is not None and self.command.round_id == cmd.round_id:
+            return
+        self.command = cmd
+        if cmd.model.blob_id in self.state.blobs:
+            self._run_round()
+            return
+        self.set_status("downloading", f"model v{cmd.model_version}")
+        self._blob_complete(self.inbox.expect(cmd.model))
+
+    def _on_chunk(self, payload: bytes) -> None:
+        self._blob_complete(self.inbox.offer(payload))
+
+    def _blob_complete(self, blob_id: str | None) -> None:
+        if blob_id is None:
+            return
+        data = self.inbox.take(blob_id)
+        self.state.blobs.put(data)
+        if self.command is not None and self.command.model.blob_id == blob_id:
+            self._run_round()
+
+    def _on_ack(self, ack: UpdateAck) -> None:
+        pending = self.state.record.pending
+        if pending is None or pending.report.round_id != ack.round_id:
+            return
+        self._ack_due = None
+        self.state.complete(ack.round_id)
+        if ack.accepted:
+            self.set_status("idle", f"update for {ack.round_id} accepted")
+        else:
+            log.error("the orchestrator refused our update for %s: %s", ack.round_id, ack.reason)
+            self.set_status("error", f"update for {ack.round_id} refused: {ack.reason}")
+
+    def _on_chunk_request(self, req: ChunkRequest) -> None:
+        held = self.outbox.get(req.blob_id)
+        if held is None:
+            pending = self.state.record.pending
+            if pending is None or pending.blob != req.blob_id:
+                log.warning("asked for blob %s which this agent no longer holds", req.blob_id[:12])
+                return
+            data = self.state.blobs.get(pending.blob)
+            held = (pending.report.update, data)
+            self.outbox.add(*held)
+        manifest, data = held
+        for index, chunk in iter_chunks(data, manifest, req.indices):
+            self.transport.publish(self.topics.site_chunk(self.site, manifest.blob_id, index), chunk)
+
+    # work -----------------------------------------------------------------------------------
+    def _dataset(self, task: TaskSpec) -> LocalDataset:
+        if self._data is None or self._data[0] != task:
+            self._data = (task, load_dataset(self.settings.data_train, self.settings.data_test, task,
+                                             self.settings.label_column))
+        return self._data[1]
+
+    def _run_round(self) -> None:
+        cmd = self.command
+        assert cmd is not None
+        model_bytes = self.state.blobs.get(cmd.model.blob_id)
+        self.state.set_model(cmd.model_version, cmd.model.blob_id)
+        try:
+            data = self._dataset(cmd.task)
+            evaluation = None
+            if data.x_test is not None:
+                self.set_status("evaluating", f"model v{cmd.model_version}")
+                evaluation = evaluate(model_bytes, data.x_test, data.y_test, cmd.training.loss)
+            blob = None
+            manifest = None
+            metrics: dict[str, float] = {}
+            seconds = 0.0
+            if cmd.kind == "train":
+                self.set_status("training", f"round {cmd.round}")
+                result = train(load_model_bytes(model_bytes), data.x_train, data.y_train, cmd.training,
+                               seed=round_seed(cmd.training.seed, self.site, cmd.round))
+                blob = encode_tensors(result.delta, CompressionSettings())
+                manifest = make_manifest(blob, UPDATE_MEDIA_TYPE, self.settings.chunk_size)
+                metrics, seconds = result.metrics, result.seconds
+        except (DataError, TrainingError) as e:
+            log.error("cannot take part in %s: %s", cmd.round_id, e)
+            self.set_status("error", str(e))
+            self.command = None
+            return
+        report = UpdateReport(federation=self.settings.federation, sender=self.site, round_id=cmd.round_id,
+                              round=cmd.round, base_version=cmd.model_version, num_samples=data.num_train,
+                              update=manifest, train_metrics=metrics, evaluation=evaluation, train_seconds=seconds)
+        self.state.set_pending(report, blob)
+        self._publish_pending()
+
+    def _publish_pending(self) -> None:
+        pending = self.state.record.pending
+        assert pending is not None
+        if pending.blob is not None and pending.report.update is not None:
+            data = self.state.blobs.get(pending.blob)
+            self.outbox.add(pending.report.update, data)
+            for index, chunk in iter_chunks(data, pending.report.update):
+                self.transport.publish(self.topics.site_chunk(self.site, pending.blob, index), chunk)
+        self.transport.publish(self.topics.site(self.site, "update"), pending.report.to_bytes())
+        self._ack_due = time.monotonic() + self.settings.ack_timeout
+        self.set_status("uploading", f"round {pending.report.round}")

@@ -1,0 +1,76 @@
+"""What an agent keeps on disk so a restart loses nothing: models, the unacknowledged update, progress.
+
+The state directory holds a content-addressed blob store (models received, updates not yet
+acknowledged) and ``agent.json``, rewritten atomically. An update is written here *before*
+it is published, and dropped only when the orchestrator acknowledges it, so a crash between
+training and acknowledgement resends the same bytes instead of retraining or losing work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from shared.blobstore import BlobStore
+from shared.protocol import UpdateReport
+
+MAX_REMEMBERED_ROUNDS = 1000
+
+
+class PendingUpdate(BaseModel):
+    report: UpdateReport
+    blob: str | None
+
+
+class AgentRecord(BaseModel):
+    model_version: int | None = None
+    model_sha256: str | None = None
+    completed_rounds: list[str] = Field(default_factory=list)
+    pending: PendingUpdate | None = None
+
+
+class AgentState:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root / "blobs")
+        self._file = self.root / "agent.json"
+        self.record = AgentRecord.model_validate_json(self._file.read_text()) if self._file.exists() else AgentRecord()
+
+    def save(self) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".agent-")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.record.model_dump_json(indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._file)
+
+    def set_model(self, version: int, sha256: str) -> None:
+        self.record.model_version, self.record.model_sha256 = version, sha256
+        self.save()
+
+    def set_pending(self, report: UpdateReport, blob: bytes | None) -> None:
+        sha = self.blobs.put(blob) if blob is not None else None
+        self.record.pending = PendingUpdate(report=report, blob=sha)
+        self.save()
+
+    def complete(self, round_id: str) -> None:
+        """The orchestrator holds our answer for this round: forget the pending copy."""
+        if round_id not in self.record.completed_rounds:
+            self.record.completed_rounds = (self.record.completed_rounds + [round_id])[-MAX_REMEMBERED_ROUNDS:]
+        pending = self.record.pending
+        if pending is not None and pending.report.round_id == round_id:
+            self.record.pending = None
+            if pending.blob:
+                self.blobs.path(pending.blob).unlink(missing_ok=True)
+        self.save()
+
+    def is_complete(self, round_id: str) -> bool:
+        return round_id in self.record.completed_rounds
+
+    def health_file(self) -> Path:
+        return self.root / "health.json"

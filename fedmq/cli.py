@@ -1,0 +1,243 @@
+"""The ``fedmq`` command: demo, orchestrator, agent, model registry, PKI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from fedmq.pki_cli import app as pki_app
+
+app = typer.Typer(help="Federated learning for hospitals over MQTT.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+orchestrator_app = typer.Typer(help="Run the orchestrator (round engine, aggregation, registry).",
+                               no_args_is_help=True)
+agent_app = typer.Typer(help="Run the edge agent at a hospital.", no_args_is_help=True)
+models_app = typer.Typer(help="Read the model registry and create initial models.", no_args_is_help=True)
+app.add_typer(orchestrator_app, name="orchestrator")
+app.add_typer(agent_app, name="agent")
+app.add_typer(models_app, name="models")
+app.add_typer(pki_app, name="pki")
+
+console = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML settings file (also FEDMQ_CONFIG).")
+StateOption = typer.Option(None, "--state-dir", help="State directory (also FEDMQ_STATE_DIR).")
+BrokerOption = typer.Option(None, "--broker", help="Broker URL mqtt://HOST:PORT or mqtts://... (FEDMQ_BROKER_URL).")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(name)s: %(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM (container stop) and Ctrl-C end the loop cleanly, after the current step."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+@orchestrator_app.command("run")
+def orchestrator_run(config: Optional[Path] = ConfigOption, state_dir: Optional[Path] = StateOption,
+                     broker: Optional[str] = BrokerOption,
+                     federation: Optional[str] = typer.Option(None, help="Federation id (FEDMQ_FEDERATION)."),
+                     rounds: Optional[int] = typer.Option(None, help="Training rounds (FEDMQ_ROUNDS)."),
+                     exit_when_done: Optional[bool] = typer.Option(None, help="Exit after the last round.")) -> None:
+    """Run rounds until the configured number is reached (then idle, or exit with --exit-when-done)."""
+    from pydantic import ValidationError
+
+    from orchestrator.service import OrchestratorService
+    from shared.config import OrchestratorSettings, load_settings
+    from shared.transport import TransportError
+
+    try:
+        settings = load_settings(OrchestratorSettings, config, state_dir=state_dir, broker_url=broker,
+                                 federation=federation, rounds=rounds, exit_when_done=exit_when_done)
+    except (ValidationError, FileNotFoundError) as e:
+        _fail(f"invalid orchestrator settings: {e}")
+    setup_logging(settings.log_level)
+    try:
+        OrchestratorService(settings).run(_stop_on_signals())
+    except TransportError as e:
+        _fail(str(e))
+
+
+@orchestrator_app.command("health")
+def orchestrator_health(state_dir: Optional[Path] = StateOption) -> None:
+    """Exit 0 when the registry is readable (container health check)."""
+    from orchestrator.registry import ModelRegistry, RegistryError
+    from shared.config import CommonSettings
+
+    root = state_dir or CommonSettings().state_dir
+    try:
+        ModelRegistry.open(root).latest()
+    except RegistryError as e:
+        _fail(str(e))
+
+
+@agent_app.command("run")
+def agent_run(config: Optional[Path] = ConfigOption, state_dir: Optional[Path] = StateOption,
+              broker: Optional[str] = BrokerOption,
+              site_id: Optional[str] = typer.Option(None, help="This hospital's site id (FEDMQ_SITE_ID)."),
+              data_train: Optional[Path] = typer.Option(None, help="Training CSV (FEDMQ_DATA_TRAIN)."),
+              data_test: Optional[Path] = typer.Option(None, help="Test CSV (FEDMQ_DATA_TEST)."),
+              federation: Optional[str] = typer.Option(None, help="Federation id (FEDMQ_FEDERATION).")) -> None:
+    """Join the federation and follow the orchestrator's rounds until stopped."""
+    from pydantic import ValidationError
+
+    from edge_agent.agent import EdgeAgent
+    from shared.config import AgentSettings, load_settings
+    from shared.transport import TransportError
+
+    try:
+        settings = load_settings(AgentSettings, config, state_dir=state_dir, broker_url=broker, site_id=site_id,
+                                 data_train=data_train, data_test=data_test, federation=federation)
+    except (ValidationError, FileNotFoundError) as e:
+        _fail(f"invalid agent settings: {e}")
+    setup_logging(settings.log_level)
+    try:
+        EdgeAgent(settings).run(_stop_on_signals())
+    except TransportError as e:
+        _fail(str(e))
+
+
+@agent_app.command("health")
+def agent_health(state_dir: Optional[Path] = StateOption,
+                 max_age: float = typer.Option(60.0, help="Seconds after which the heartbeat is stale.")) -> None:
+    """Exit 0 when the agent's heartbeat is fresh and it is connected (container health check)."""
+    from shared.config import CommonSettings
+
+    path = (state_dir or CommonSettings().state_dir) / "health.json"
+    try:
+        beat = json.loads(path.read_text())
+    except (OSError, ValueError):
+        _fail(f"no heartbeat at {path}: is the agent running with this state directory?")
+    age = time.time() - beat["time"]
+    if age > max_age:
+        _fail(f"heartbeat is {age:.0f}s old: the agent is stuck or stopped; see its log")
+    if not beat["connected"]:
+        _fail("the agent is not connected to the broker; check FEDMQ_BROKER_URL, TLS files and the network")
+    typer.echo(f"ok: {beat['state']}, model v{beat['model_version']}")
+
+
+@models_app.command("init")
+def models_init(arch: str = typer.Option("logreg", help="Architecture: logreg, mlp or cnn."),
+                out: Path = typer.Option(..., help="Where to write the ONNX file."),
+                features: Optional[int] = typer.Option(None, help="Number of input features (logreg, mlp)."),
+                outputs: int = typer.Option(1, help="Number of outputs (classes; 1 = binary probability)."),
+                hidden: str = typer.Option("64", help="Hidden sizes for mlp, comma-separated."),
+                opset: int = typer.Option(17, help="ONNX opset (17-21).")) -> None:
+    """Create an initial global model as an ONNX file from a built-in torch definition."""
+    from orchestrator.architectures import build_onnx
+
+    try:
+        data = build_onnx(arch, num_features=features, num_outputs=outputs,
+                          hidden=tuple(int(h) for h in hidden.split(",") if h), opset=opset)
+    except ValueError as e:
+        _fail(str(e))
+    out.write_bytes(data)
+    typer.echo(f"wrote {out} ({len(data)} bytes)")
+
+
+def _registry(state_dir: Optional[Path]):
+    from orchestrator.registry import ModelRegistry, RegistryError
+    from shared.config import CommonSettings
+
+    try:
+        return ModelRegistry.open(state_dir or CommonSettings().state_dir)
+    except RegistryError as e:
+        _fail(str(e))
+
+
+def _acc(m) -> str:
+    return f"{m.accuracy:.3f}" if m is not None and m.accuracy is not None else "-"
+
+
+@models_app.command("list")
+def models_list(state_dir: Optional[Path] = StateOption) -> None:
+    """Every global version with its lineage and pooled test accuracy."""
+    table = Table("version", "round", "parent", "sha256", "sites", "pooled acc", "created")
+    for v in _registry(state_dir).list():
+        table.add_row(str(v.version), str(v.round or "-"), str(v.parent if v.parent is not None else "-"),
+                      v.sha256[:12], ",".join(sorted(v.contributors)) or "-", _acc(v.pooled),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)))
+    Console().print(table)
+
+
+@models_app.command("show")
+def models_show(version: int, state_dir: Optional[Path] = StateOption) -> None:
+    """One version's full record as JSON."""
+    from orchestrator.registry import RegistryError
+
+    try:
+        v = _registry(state_dir).get(version)
+    except RegistryError as e:
+        _fail(str(e))
+    record = {k: getattr(v, k) for k in ("version", "sha256", "parent", "round", "created_at", "size",
+                                         "contributors", "strategy", "training", "note")}
+    record["evaluations"] = {s: m.model_dump() for s, m in v.evaluations.items()}
+    record["pooled"] = v.pooled.model_dump() if v.pooled else None
+    typer.echo(json.dumps(record, indent=2))
+
+
+@models_app.command("export")
+def models_export(version: int, path: Path, state_dir: Optional[Path] = StateOption) -> None:
+    """Write a version's ONNX file (verified against its sha256) to PATH."""
+    from orchestrator.registry import RegistryError
+    from shared.blobstore import BlobStoreError
+
+    try:
+        data = _registry(state_dir).model_bytes(version)
+    except (RegistryError, BlobStoreError) as e:
+        _fail(str(e))
+    path.write_bytes(data)
+    typer.echo(f"wrote model v{version} to {path} ({len(data)} bytes)")
+
+
+@app.command()
+def demo(rounds: int = typer.Option(15, help="Training rounds."),
+         broker: Optional[str] = typer.Option(None, help="Use this broker instead of starting one."),
+         summary_json: Optional[Path] = typer.Option(None, help="Write the final figures here as JSON."),
+         state_dir: Optional[Path] = typer.Option(None, help="Keep all state here (default: a temp dir)."),
+         learning_rate: float = typer.Option(0.005, help="Local SGD learning rate."),
+         local_steps: int = typer.Option(100, help="Local SGD steps per round."),
+         batch_size: int = typer.Option(4, help="Local batch size."),
+         strategy: str = typer.Option("fedavg", help="Aggregation strategy.")) -> None:
+    """Four hospitals (Heart Disease) federate a logistic regression with FedAvg, live."""
+    from fedmq.demo import DemoOptions, run_demo
+
+    setup_logging("WARNING")
+    try:
+        summary = run_demo(DemoOptions(rounds=rounds, broker_url=broker, state_dir=state_dir,
+                                       learning_rate=learning_rate, local_steps=local_steps, batch_size=batch_size,
+                                       strategy=strategy))
+    except RuntimeError as e:
+        _fail(str(e))
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(summary, indent=2))
+        console.print(f"summary written to {summary_json}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

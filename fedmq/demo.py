@@ -1,0 +1,240 @@
+"""``fedmq demo``: a broker, an orchestrator and four hospital agents on this machine, watched live.
+
+Each hospital runs as its own process with only its own Heart Disease CSVs, exactly as it
+would in its own container; the demo itself is just an operator: it reads the federation's
+MQTT topics (statuses, round summaries) and draws them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from shared.broker import Broker, start_embedded_broker
+from shared.config import AgentSettings, CommonSettings, OrchestratorSettings
+from shared.protocol import (OrchestratorStatus, ProtocolError, RoundSummary, SiteStatus, TrainingConfig,
+                             parse_message)
+from shared.topics import Topics
+from shared.transport import Transport
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "heart_disease"
+HOSPITALS = {"cleveland": "Cleveland Clinic", "hungary": "Hungarian Inst. of Cardiology",
+             "switzerland": "Univ. Hospitals Zurich & Basel", "va": "VA Long Beach"}
+FEDERATION = "heart-demo"
+
+
+@dataclass
+class DemoOptions:
+    rounds: int = 15
+    broker_url: str | None = None
+    state_dir: Path | None = None
+    learning_rate: float = 0.005
+    local_steps: int = 100
+    batch_size: int = 4
+    strategy: str = "fedavg"
+    seed: int = 0
+    round_timeout: float = 300.0
+    timeout: float = 1800.0
+
+
+@dataclass
+class _View:
+    """What the operator has seen so far on the topics."""
+
+    orchestrator: OrchestratorStatus | None = None
+    sites: dict[str, SiteStatus] = field(default_factory=dict)
+    summaries: dict[int, RoundSummary] = field(default_factory=dict)
+    final: RoundSummary | None = None
+
+
+def heart_features() -> list[str]:
+    with (DATA_DIR / "cleveland_train.csv").open() as f:
+        header = next(csv.reader(f))
+    return [h for h in header if h != "label"]
+
+
+def settings_env(settings: CommonSettings) -> dict[str, str]:
+    """The environment variables that reproduce ``settings`` in a child process (FEDMQ_*)."""
+    env = {}
+    for key, value in settings.model_dump(mode="json", exclude_none=True).items():
+        if isinstance(value, (dict, list)):
+            env[f"FEDMQ_{key.upper()}"] = json.dumps(value)
+        elif isinstance(value, bool):
+            env[f"FEDMQ_{key.upper()}"] = "true" if value else "false"
+        else:
+            env[f"FEDMQ_{key.upper()}"] = str(value)
+    return env
+
+
+def heart_settings(broker_url: str, root: Path, opts: DemoOptions, *, mqtt_version: str = "5",
+                   sites: tuple[str, ...] = tuple(HOSPITALS)) -> tuple[OrchestratorSettings, list[AgentSettings]]:
+    """The Fed-Heart-Disease federation: one orchestrator, one agent per hospital with its own CSVs."""
+    common = {"broker_url": broker_url, "federation": FEDERATION, "mqtt_version": mqtt_version}
+    training = TrainingConfig(local_steps=opts.local_steps, batch_size=opts.batch_size,
+                              learning_rate=opts.learning_rate, loss="bce", seed=opts.seed)
+    orchestrator = OrchestratorSettings(
+        **common, state_dir=root / "orchestrator", rounds=opts.rounds, min_sites=len(sites),
+        task_features=heart_features(), task_label="label", training=training, strategy={"name": opts.strategy},
+        exit_when_done=True, round_timeout=opts.round_timeout)
+    agents = [AgentSettings(**common, site_id=site, state_dir=root / site,
+                            data_train=DATA_DIR / f"{site}_train.csv", data_test=DATA_DIR / f"{site}_test.csv")
+              for site in sites]
+    return orchestrator, agents
+
+
+def _spawn(args: list[str], settings: CommonSettings, log_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_")}
+    env.update(settings_env(settings))
+    log = open(log_path, "wb")
+    return subprocess.Popen([sys.executable, "-m", "fedmq", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _render(view: _View, rounds: int, started: float) -> Group:
+    o = view.orchestrator
+    head = Table.grid(padding=(0, 2))
+    head.add_row("orchestrator", o.state if o else "starting",
+                 f"round {o.round}/{rounds}" if o and o.round else "",
+                 f"model v{o.model_version}" if o and o.model_version is not None else "",
+                 f"{time.monotonic() - started:.0f}s")
+    sites = Table("site", "hospital", "state", "model", "reported", "test acc (last round)", title="hospitals")
+    last = view.final or (view.summaries[max(view.summaries)] if view.summaries else None)
+    for site, name in HOSPITALS.items():
+        st = view.sites.get(site)
+        m = last.site_metrics.get(site) if last else None
+        sites.add_row(site, name, st.state if st else "-",
+                      f"v{st.model_version}" if st and st.model_version is not None else "-",
+                      "yes" if o and site in o.reported else "", f"{m.accuracy:.3f}" if m and m.accuracy else "-")
+    history = Table("round", "evaluated", "pooled acc", "down", "up", "wall s", title="rounds")
+    for rnd in sorted(view.summaries)[-8:]:
+        s = view.summaries[rnd]
+        history.add_row(str(rnd), f"v{s.evaluated_version}", f"{s.pooled.accuracy:.3f}" if s.pooled else "-",
+                        _size(s.bytes_down), _size(s.bytes_up), f"{s.seconds.get('wall', 0):.1f}")
+    return Group(head, sites, history)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
+    """Run the whole federation; returns the summary figures (also shown as a table)."""
+    console = console or Console()
+    tmp = tempfile.TemporaryDirectory(prefix="fedmq-demo-") if opts.state_dir is None else None
+    root = Path(tmp.name) if tmp else opts.state_dir
+    root.mkdir(parents=True, exist_ok=True)
+    broker: Broker | None = None
+    procs: list[subprocess.Popen] = []
+    started = time.monotonic()
+    try:
+        if opts.broker_url is None:
+            broker = start_embedded_broker()
+            console.print(f"started an embedded {broker.kind} broker at {broker.url}")
+        url = opts.broker_url or broker.url
+        mqtt_version = "3.1.1" if broker is not None and broker.kind == "amqtt" else "5"
+        orchestrator, agents = heart_settings(url, root, opts, mqtt_version=mqtt_version)
+        procs.append(_spawn(["orchestrator", "run"], orchestrator, root / "orchestrator.log"))
+        for agent in agents:
+            procs.append(_spawn(["agent", "run"], agent, root / f"{agent.site_id}.log"))
+        view = _watch(url, mqtt_version, opts, procs, console, started, root)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if broker is not None:
+            broker.stop()
+    summary = _summary(view, opts, time.monotonic() - started)
+    _print_summary(summary, console)
+    if tmp is not None:
+        tmp.cleanup()
+    return summary
+
+
+def _watch(url: str, mqtt_version: str, opts: DemoOptions, procs: list[subprocess.Popen], console: Console,
+           started: float, root: Path) -> _View:
+    orchestrator = procs[0]
+    topics = Topics(FEDERATION)
+    settings = CommonSettings(broker_url=url, federation=FEDERATION, mqtt_version=mqtt_version)
+    view = _View()
+    transport = Transport(settings, f"fedmq-{FEDERATION}-demo-monitor", persistent_session=False)
+    with transport:
+        for t in (topics.orchestrator_status, topics.round_summary, f"{topics.base}/site/+/status"):
+            transport.subscribe(t)
+        with Live(_render(view, opts.rounds, started), console=console, refresh_per_second=4) as live:
+            while True:
+                msg = transport.get(0.25)
+                if msg is not None:
+                    try:
+                        m = parse_message(msg.payload)
+                    except ProtocolError:
+                        continue
+                    if isinstance(m, OrchestratorStatus):
+                        view.orchestrator = m
+                    elif isinstance(m, SiteStatus):
+                        view.sites[m.sender] = m
+                    elif isinstance(m, RoundSummary):
+                        if m.new_version is None:
+                            view.final = m
+                        else:
+                            view.summaries[m.round] = m
+                live.update(_render(view, opts.rounds, started))
+                if view.orchestrator and view.orchestrator.state == "finished" and view.final is not None:
+                    return view
+                if orchestrator.poll() is not None and transport.inbox.empty():
+                    if view.final is not None:
+                        return view
+                    raise RuntimeError(f"the orchestrator exited (code {orchestrator.returncode}) before the end; "
+                                       f"see {root / 'orchestrator.log'}")
+                for site, proc in zip(HOSPITALS, procs[1:]):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"the {site} agent exited (code {proc.returncode}); "
+                                           f"see {root / (site + '.log')}")
+                if time.monotonic() - started > opts.timeout:
+                    raise RuntimeError(f"the demo did not finish within {opts.timeout:.0f}s; logs are in {root}")
+
+
+def _summary(view: _View, opts: DemoOptions, wall: float) -> dict:
+    final = view.final
+    return {
+        "rounds": len(view.summaries),
+        "final_model_version": final.evaluated_version if final else None,
+        "pooled_test_accuracy": final.pooled.accuracy if final and final.pooled else None,
+        "per_site_test_accuracy": {s: m.accuracy for s, m in final.site_metrics.items()} if final else {},
+        "per_site_mean_accuracy": (sum(m.accuracy for m in final.site_metrics.values()) / len(final.site_metrics)
+                                   if final and final.site_metrics else None),
+        "accuracy_by_round": {r: s.pooled.accuracy for r, s in sorted(view.summaries.items()) if s.pooled},
+        "bytes_down": sum(s.bytes_down for s in view.summaries.values()) + (final.bytes_down if final else 0),
+        "bytes_up": sum(s.bytes_up for s in view.summaries.values()) + (final.bytes_up if final else 0),
+        "wall_seconds": round(wall, 2),
+        "strategy": opts.strategy,
+        "training": {"local_steps": opts.local_steps, "batch_size": opts.batch_size,
+                     "learning_rate": opts.learning_rate},
+    }
+
+
+def _print_summary(summary: dict, console: Console) -> None:
+    table = Table("figure", "value", title="federation summary")
+    acc = summary["pooled_test_accuracy"]
+    table.add_row("rounds", str(summary["rounds"]))
+    table.add_row("final model version", str(summary["final_model_version"]))
+    table.add_row("pooled test accuracy", f"{acc:.3f}" if acc is not None else "-")
+    for site, a in summary["per_site_test_accuracy"].items():
+        table.add_row(f"  {site}", f"{a:.3f}")
+    table.add_row("bytes down / up", f"{_size(summary['bytes_down'])} / {_size(summary['bytes_up'])}")
+    table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
+    console.print(table)

@@ -1,0 +1,95 @@
+"""``fedmq pki``: the federation's certificates, from the command line.
+
+Why a CLI of its own: the person who runs the CA (usually the federation's coordinator)
+is not the one who runs the broker or a hospital's agent, and only this step needs the
+CA key. The commands wrap shared.pki and turn its errors into one readable line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.pki import FederationPki, PkiError
+
+app = typer.Typer(help="Federation PKI: CA, broker, orchestrator, operator and per-site certificates.",
+                  no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+T = TypeVar("T")
+DirArg = Annotated[Path, typer.Argument(help="PKI directory (see `fedmq pki init --help`).")]
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Run a PKI action; a PkiError becomes a one-line message and exit code 1, not a traceback."""
+    try:
+        return action()
+    except PkiError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def init(
+    directory: DirArg,
+    federation: Annotated[str, typer.Option(help="Federation name: the {federation} level of the topics.")],
+    broker_host: Annotated[list[str] | None, typer.Option(
+        "--broker-host", help="DNS name or IP the agents use to reach the broker (repeatable); "
+                              "localhost and 127.0.0.1 are always added.")] = None,
+    force: Annotated[bool, typer.Option(help="Reissue the broker certificate if the hosts changed.")] = False,
+) -> None:
+    """Create the CA, CRL, broker, orchestrator and operator certificates (re-running is safe)."""
+    pki = _run(lambda: FederationPki.init(directory, federation, broker_host or (), force=force))
+    console.print(f"PKI of federation [bold]{pki.federation}[/bold] ready in {directory}")
+    console.print(f"next: `fedmq pki issue-site {directory} SITE_ID` for each hospital")
+
+
+@app.command("issue-site")
+def issue_site(
+    directory: DirArg,
+    site_id: Annotated[str, typer.Argument(help="Site id: the certificate CN and the site's topic level.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing certificate (the old one is revoked).")] = False,
+) -> None:
+    """Issue one hospital's client certificate."""
+    issued = _run(lambda: FederationPki(directory).issue_site(site_id, force=force))
+    console.print(f"issued {issued.name}: {issued.cert_path} and {issued.key_path}")
+    console.print(f"hand the site ca.crt, {issued.cert_path.name} and {issued.key_path.name} over a secure "
+                  f"channel; nothing else in {directory}")
+
+
+@app.command()
+def revoke(
+    directory: DirArg,
+    site_id: Annotated[str, typer.Argument(help="Site id (or orchestrator / operator) to revoke.")],
+) -> None:
+    """Revoke an identity's certificate and re-sign the CRL the broker reads."""
+    pki = _run(lambda: FederationPki(directory))
+    cert = _run(lambda: pki.revoke(site_id))
+    console.print(f"revoked {site_id} (serial {cert.serial_number:x}); CRL written to {pki.crl_path}")
+    console.print("copy crl.pem to the broker and send it SIGHUP (e.g. `docker kill -s HUP mosquitto`): "
+                  "it only rereads the CRL then, and open connections stay open until they reconnect")
+
+
+@app.command("list")
+def list_certs(directory: DirArg) -> None:
+    """Show every certificate with its serial, expiry and revocation."""
+    pki = _run(lambda: FederationPki(directory))
+    infos = _run(pki.certificates)
+    table = Table(title=f"federation {pki.federation} ({directory})")
+    for column in ("role", "subject", "serial", "expires (UTC)", "revoked"):
+        # fold, never truncate: a cut serial cannot be matched against the CRL.
+        table.add_column(column, overflow="fold")
+    for info in infos:
+        revoked = f"[red]{info.revoked_at:%Y-%m-%d %H:%M}[/red]" if info.revoked_at else "no"
+        table.add_row(info.role, info.subject, f"{info.serial:x}", f"{info.not_after:%Y-%m-%d}", revoked)
+    console.print(table)
+    shown = {info.serial for info in infos}
+    older = sum(1 for serial in _run(pki.revoked) if serial not in shown)
+    if older:
+        console.print(f"the CRL also revokes {older} replaced certificate(s) not shown")

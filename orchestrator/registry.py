@@ -1,0 +1,158 @@
+"""The model registry: every global version, its file, its lineage and how it scored.
+
+Versions are numbered 0, 1, 2, ... (0 is the initial model); each is an ONNX file in the
+content-addressed blob store plus a SQLite row recording its sha256, parent, the round that
+produced it, the contributing sites with their sample counts, the strategy and training
+settings, and per-site evaluations. Writes take a connection inside the caller's
+transaction so that a version and the round that produced it are committed together.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.blobstore import BlobStore
+from shared.protocol import EvalMetrics
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    parent INTEGER,
+    round INTEGER UNIQUE,
+    created_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    contributors TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    training TEXT NOT NULL,
+    strategy_state TEXT,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    version INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (version, site)
+);
+"""
+
+
+class RegistryError(LookupError):
+    """A version that does not exist, or a registry that cannot be opened."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: int
+    sha256: str
+    parent: int | None
+    round: int | None
+    created_at: float
+    size: int
+    contributors: dict[str, int]
+    strategy: dict[str, Any]
+    training: dict[str, Any]
+    strategy_state: str | None
+    note: str
+    evaluations: dict[str, EvalMetrics] = field(default_factory=dict)
+
+    @property
+    def pooled(self) -> EvalMetrics | None:
+        return pool_metrics(self.evaluations)
+
+
+def pool_metrics(per_site: dict[str, EvalMetrics]) -> EvalMetrics | None:
+    """Metrics on the union of the sites' test sets, from their counts (no data leaves a site)."""
+    if not per_site:
+        return None
+    n = sum(m.num_examples for m in per_site.values())
+    if n == 0:
+        return None
+    loss = sum(m.loss * m.num_examples for m in per_site.values()) / n
+    if all(m.correct is not None for m in per_site.values()):
+        correct = sum(m.correct or 0 for m in per_site.values())
+        return EvalMetrics(num_examples=n, loss=loss, accuracy=correct / n, correct=correct)
+    return EvalMetrics(num_examples=n, loss=loss)
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class ModelRegistry:
+    """Read and append global versions. Appends must happen inside ``with conn:`` (one transaction)."""
+
+    def __init__(self, conn: sqlite3.Connection, blobs: BlobStore) -> None:
+        self.conn = conn
+        self.blobs = blobs
+        conn.executescript(SCHEMA)
+
+    @classmethod
+    def open(cls, state_dir: Path) -> "ModelRegistry":
+        db = state_dir / "orchestrator.sqlite"
+        if not db.exists():
+            raise RegistryError(f"no registry at {db}; is FEDMQ_STATE_DIR / --state-dir the orchestrator's?")
+        return cls(open_database(db), BlobStore(state_dir / "blobs"))
+
+    def add_version(self, model: bytes, *, parent: int | None, round: int | None, contributors: dict[str, int],
+                    strategy: dict[str, Any], training: dict[str, Any], strategy_state: str | None = None,
+                    note: str = "") -> ModelVersion:
+        """Store the file and append the next version number (caller commits)."""
+        sha = self.blobs.put(model)
+        row = self.conn.execute("SELECT COALESCE(MAX(version), -1) + 1 FROM versions").fetchone()
+        version = int(row[0])
+        created = time.time()
+        self.conn.execute(
+            "INSERT INTO versions (version, sha256, parent, round, created_at, size, contributors, strategy, training,"
+            " strategy_state, note) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (version, sha, parent, round, created, len(model), json.dumps(contributors), json.dumps(strategy),
+             json.dumps(training), strategy_state, note))
+        return ModelVersion(version, sha, parent, round, created, len(model), contributors, strategy, training,
+                            strategy_state, note)
+
+    def record_evaluation(self, version: int, site: str, metrics: EvalMetrics) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO evaluations (version, site, metrics) VALUES (?,?,?)",
+                          (version, site, metrics.model_dump_json()))
+
+    def _evaluations(self, version: int) -> dict[str, EvalMetrics]:
+        rows = self.conn.execute("SELECT site, metrics FROM evaluations WHERE version=? ORDER BY site", (version,))
+        return {site: EvalMetrics.model_validate_json(m) for site, m in rows}
+
+    def _from_row(self, row: tuple) -> ModelVersion:
+        v, sha, parent, rnd, created, size, contributors, strategy, training, state, note = row
+        return ModelVersion(v, sha, parent, rnd, created, size, json.loads(contributors), json.loads(strategy),
+                            json.loads(training), state, note, self._evaluations(v))
+
+    _COLUMNS = "version, sha256, parent, round, created_at, size, contributors, strategy, training, strategy_state, note"
+
+    def get(self, version: int) -> ModelVersion:
+        row = self.conn.execute(f"SELECT {self._COLUMNS} FROM versions WHERE version=?", (version,)).fetchone()
+        if row is None:
+            known = self.latest()
+            raise RegistryError(f"model version {version} does not exist"
+                                + (f" (latest is {known.version})" if known else " (the registry is empty)"))
+        return self._from_row(row)
+
+    def latest(self) -> ModelVersion | None:
+        row = self.conn.execute(f"SELECT {self._COLUMNS} FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        return self._from_row(row) if row else None
+
+    def list(self) -> list[ModelVersion]:
+        rows = self.conn.execute(f"SELECT {self._COLUMNS} FROM versions ORDER BY version").fetchall()
+        return [self._from_row(r) for r in rows]
+
+    def by_round(self, round: int) -> ModelVersion | None:
+        row = self.conn.execute(f"SELECT {self._COLUMNS} FROM versions WHERE round=?", (round,)).fetchone()
+        return self._from_row(row) if row else None
+
+    def model_bytes(self, version: int) -> bytes:
+        return self.blobs.get(self.get(version).sha256)

@@ -1,0 +1,293 @@
+"""The round state machine: wait for sites, announce, collect, aggregate, version, repeat.
+
+States: ``waiting`` (not enough sites online) -> ``collecting`` (round announced; updates
+arrive until every selected site reported, or the deadline passed with a quorum) ->
+aggregation (synchronous) -> ``waiting`` for the next round. A round that misses its quorum
+is logged and retried as a new attempt with a fresh selection, never silently skipped.
+After the last round an ``evaluating`` round asks every online site to score the final
+version; then ``finished``.
+
+Everything needed to resume lives in the journal and the registry: a restarted engine
+reopens the open attempt with the updates already stored.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from orchestrator.journal import RoundJournal, RoundRecord
+from orchestrator.registry import ModelRegistry, ModelVersion, pool_metrics
+from orchestrator.sampling import NotEnoughSites, select_sites
+from orchestrator.strategies import Strategy
+from shared.blobs import make_manifest
+from shared.codec import CodecError, decode_tensors
+from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, replace_initializers
+from shared.config import OrchestratorSettings
+from shared.protocol import EvalMetrics, RoundCommand, TaskSpec, TrainingConfig, UpdateReport
+
+log = logging.getLogger(__name__)
+
+
+class RoundPublisher(Protocol):
+    """What the engine asks of the network side (the service implements it over MQTT)."""
+
+    def announce(self, command: RoundCommand, model: bytes) -> None: ...
+    def model_published(self, version: ModelVersion) -> None: ...
+    def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
+                      site_metrics: dict[str, EvalMetrics], seconds: dict[str, float]) -> None: ...
+    def status(self, state: str, detail: str = "") -> None: ...
+
+
+class UpdateRejected(ValueError):
+    """An update the engine will not use; the reason goes back to the site in its ack."""
+
+
+@dataclass
+class _Open:
+    record: RoundRecord
+    command: RoundCommand
+    expected_shapes: dict[str, tuple[int, ...]]
+    reported: set[str] = field(default_factory=set)
+
+
+def dense_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """What an update for these tensors occupies densified as float32: the decoder's allocation bound."""
+    return 4 * sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+
+
+def _dump_state(state: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **state)
+    return buf.getvalue()
+
+
+def _load_state(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class RoundEngine:
+    def __init__(self, settings: OrchestratorSettings, registry: ModelRegistry, journal: RoundJournal,
+                 strategy: Strategy, publisher: RoundPublisher, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.journal = journal
+        self.strategy = strategy
+        self.publisher = publisher
+        self.clock = clock
+        self.state = "waiting"
+        self.current: _Open | None = None
+        self._waiting_logged = False
+
+    # start-up ---------------------------------------------------------------------------------
+    def start(self, initial_model: Callable[[], bytes]) -> None:
+        """Create version 0 if the registry is empty, restore strategy state, reopen an open round."""
+        latest = self.registry.latest()
+        if latest is None:
+            model = initial_model()
+            load_model_bytes(model, max_bytes=self.settings.max_blob_bytes)
+            with self.registry.conn:
+                latest = self.registry.add_version(model, parent=None, round=None, contributors={},
+                                                   strategy=self.strategy.config().model_dump(),
+                                                   training=self.settings.training.model_dump(), note="initial model")
+            log.info("registered the initial model as version 0 (sha256 %s)", latest.sha256[:12])
+            self.publisher.model_published(latest)
+        elif latest.strategy_state:
+            self.strategy.load_state(_load_state(self.registry.blobs.get(latest.strategy_state)))
+        record = self.journal.open_round()
+        if record is not None:
+            grace = min(self.settings.round_timeout, 60.0)
+            if record.deadline < self.clock() + grace:
+                self.journal.extend(record.round_id, self.clock() + grace)
+                record = self.journal.get(record.round_id)
+            log.info("resuming round %d attempt %d (%s) after a restart", record.round, record.attempt,
+                     record.round_id)
+            self._open(record)
+
+    # helpers --------------------------------------------------------------------------------
+    def _task(self) -> TaskSpec:
+        return TaskSpec(features=self.settings.task_features, label=self.settings.task_label,
+                        standardize=self.settings.standardize)
+
+    def _training(self) -> TrainingConfig:
+        overrides = self.strategy.training_overrides()
+        return self.settings.training.model_copy(update=overrides) if overrides else self.settings.training
+
+    def _open(self, record: RoundRecord) -> None:
+        model = self.registry.model_bytes(record.base_version)
+        version = self.registry.get(record.base_version)
+        shapes = {k: v.shape for k, v in float_initializers(load_model_bytes(model)).items()}
+        command = RoundCommand(
+            federation=self.settings.federation, sender="orchestrator", round=record.round, attempt=record.attempt,
+            round_id=record.round_id, kind=record.kind, model_version=version.version,
+            model=make_manifest(model, "application/onnx", self.settings.chunk_size), selected=record.selected,
+            training=TrainingConfig.model_validate(record.training), task=self._task(), deadline=record.deadline)
+        self.current = _Open(record, command, shapes,
+                             reported={u.site for u in self.journal.updates(record.round_id)})
+        self.state = "collecting" if record.kind == "train" else "evaluating"
+        self.publisher.announce(command, model)
+        self.publisher.status(self.state)
+
+    def _next_round(self) -> int:
+        latest = self.registry.latest()
+        return (latest.round or 0) + 1 if latest else 1
+
+    # the machine ----------------------------------------------------------------------------
+    def tick(self, online: set[str]) -> None:
+        """Advance the machine; the service calls this often (every few hundred ms)."""
+        if self.state == "finished":
+            return
+        if self.current is None:
+            self._maybe_announce(online)
+            return
+        rec = self.current.record
+        selected = set(rec.selected)
+        if self.current.reported >= selected:
+            self._close()
+        elif self.clock() >= rec.deadline:
+            quorum = self.settings.effective_quorum if rec.kind == "train" else 1
+            if len(self.current.reported) >= min(quorum, len(selected)):
+                log.warning("round %d: deadline passed with %d/%d reports (quorum %d); aggregating without %s",
+                            rec.round, len(self.current.reported), len(selected), quorum,
+                            sorted(selected - self.current.reported))
+                self._close()
+            else:
+                detail = (f"missed its quorum: {len(self.current.reported)}/{len(selected)} reports by the deadline, "
+                          f"{quorum} needed; missing {sorted(selected - self.current.reported)}")
+                log.error("round %d attempt %d %s; retrying", rec.round, rec.attempt, detail)
+                self.journal.fail(rec.round_id, detail)
+                self.current = None
+                self.state = "waiting"
+                self.publisher.status("waiting", f"round {rec.round} attempt {rec.attempt} {detail}")
+
+    def _maybe_announce(self, online: set[str]) -> None:
+        round_no = self._next_round()
+        latest = self.registry.latest()
+        assert latest is not None
+        if round_no > self.settings.rounds:
+            evaluated = bool(self.journal.done("evaluate")) and self.journal.done("evaluate")[-1].base_version \
+                == latest.version
+            if not self.settings.final_evaluation or evaluated:
+                self.state = "finished"
+                self.publisher.status("finished", f"{self.settings.rounds} rounds done; final version "
+                                                  f"{latest.version}")
+                return
+            kind, minimum = "evaluate", 1
+        else:
+            kind, minimum = "train", max(self.settings.min_sites, self.strategy.min_updates)
+        try:
+            selected = select_sites(sorted(online), fraction=self.settings.sample_fraction if kind == "train" else None,
+                                    count=self.settings.sample_count if kind == "train" else None, minimum=minimum,
+                                    seed=self.settings.sampling_seed, round_number=round_no)
+        except NotEnoughSites as e:
+            if not self._waiting_logged:
+                log.info("waiting for sites before round %d: %s", round_no, e)
+                self.publisher.status("waiting", str(e))
+                self._waiting_logged = True
+            return
+        self._waiting_logged = False
+        attempt = self.journal.attempts(round_no, kind) + 1
+        if attempt > self.settings.max_attempts:
+            self.state = "finished"
+            self.publisher.status("finished", f"round {round_no} failed {self.settings.max_attempts} attempts; "
+                                              "check the sites' logs and raise max_attempts or round_timeout")
+            log.error("giving up: round %d failed %d attempts", round_no, self.settings.max_attempts)
+            return
+        tag = "eval" if kind == "evaluate" else "r"
+        record = self.journal.begin(
+            round_id=f"{self.settings.federation}-{tag}{round_no}-a{attempt}", round=round_no, attempt=attempt,
+            kind=kind, base_version=latest.version, selected=selected, training=self._training().model_dump(),
+            deadline=self.clock() + self.settings.round_timeout)
+        log.info("round %d attempt %d (%s): model v%d to %s", round_no, attempt, kind, latest.version, selected)
+        self._open(record)
+
+    # updates ----------------------------------------------------------------------------------
+    def check_report(self, site: str, report: UpdateReport) -> RoundRecord:
+        """Reject a report that does not belong to the open round before fetching its blob."""
+        cur = self.current
+        if cur is None or report.round_id != cur.record.round_id:
+            raise UpdateRejected(f"round {report.round_id} is not open (open: "
+                                 f"{cur.record.round_id if cur else 'none'})")
+        if site not in cur.record.selected:
+            raise UpdateRejected(f"site {site} was not selected for round {report.round_id}")
+        if report.base_version != cur.record.base_version:
+            raise UpdateRejected(f"update is based on version {report.base_version}, the round uses "
+                                 f"{cur.record.base_version}")
+        if cur.record.kind == "train" and (report.update is None or report.num_samples <= 0):
+            raise UpdateRejected("a training report needs an update and a positive sample count")
+        return cur.record
+
+    def accept(self, site: str, report: UpdateReport, update: bytes | None) -> bool:
+        """Validate and store an update; returns False when it was a duplicate (already stored)."""
+        record = self.check_report(site, report)
+        blob = None
+        if update is not None:
+            try:
+                shapes = self.current.expected_shapes
+                decode_tensors(update, shapes, max_decoded_bytes=dense_bytes(shapes))
+            except CodecError as e:
+                raise UpdateRejected(f"update does not decode against model v{record.base_version}: {e}") from None
+            blob = self.registry.blobs.put(update)
+        fresh = self.journal.add_update(record.round_id, site, blob, report)
+        self.current.reported.add(site)
+        if fresh:
+            log.info("round %d: update from %s (%d samples)", record.round, site, report.num_samples)
+        return fresh
+
+    # closing ----------------------------------------------------------------------------------
+    def _close(self) -> None:
+        assert self.current is not None
+        rec = self.current.record
+        updates = self.journal.updates(rec.round_id)
+        site_metrics = {u.site: u.report.evaluation for u in updates if u.report.evaluation is not None}
+        started = time.perf_counter()
+        new_version: ModelVersion | None = None
+        if rec.kind == "train":
+            self.publisher.status("aggregating")
+            new_version = self._aggregate(rec, updates)
+        else:
+            with self.registry.conn:
+                self.journal.close(rec.round_id, None)
+        with self.registry.conn:
+            for site, m in site_metrics.items():
+                self.registry.record_evaluation(rec.base_version, site, m)
+        seconds = {"aggregate": time.perf_counter() - started,
+                   "train_max": max((u.report.train_seconds for u in updates), default=0.0),
+                   "wall": self.clock() - rec.announced_at}
+        pooled = pool_metrics(site_metrics)
+        log.info("round %d done: v%d scored pooled accuracy %s%s", rec.round, rec.base_version,
+                 f"{pooled.accuracy:.3f}" if pooled and pooled.accuracy is not None else "n/a",
+                 f"; new version v{new_version.version}" if new_version else "")
+        self.current = None
+        self.state = "waiting"
+        if new_version is not None:
+            self.publisher.model_published(new_version)
+        self.publisher.round_summary(rec, rec.base_version, new_version.version if new_version else None,
+                                     site_metrics, seconds)
+
+    def _aggregate(self, rec: RoundRecord, updates: list) -> ModelVersion:
+        base_model = load_model_bytes(self.registry.model_bytes(rec.base_version))
+        weights = float_initializers(base_model)
+        local = set(TrainingConfig.model_validate(rec.training).local_parameters)
+        aggregation = self.strategy.begin_round(weights, aggregated_names=set(weights) - local)
+        shapes = {k: v.shape for k, v in weights.items()}
+        for u in updates:
+            delta = decode_tensors(self.registry.blobs.get(u.blob), shapes, max_decoded_bytes=dense_bytes(shapes))
+            aggregation.add(u.site, u.num_samples, delta)
+        new_weights = aggregation.finish()
+        model = model_to_bytes(replace_initializers(base_model, new_weights))
+        state = self.strategy.state()
+        state_sha = self.registry.blobs.put(_dump_state(state)) if state else None
+        with self.registry.conn:
+            version = self.registry.add_version(
+                model, parent=rec.base_version, round=rec.round, contributors={u.site: u.num_samples for u in updates},
+                strategy=self.strategy.config().model_dump(), training=rec.training, strategy_state=state_sha)
+            self.journal.close(rec.round_id, version.version)
+        return version

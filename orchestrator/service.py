@@ -1,0 +1,232 @@
+"""The orchestrator daemon: MQTT in and out around the round engine.
+
+One thread owns everything: it drains the transport's inbox, routes each message (site
+status, update reports, update chunks, chunk requests), and ticks the round engine. Bad
+input — malformed JSON, unknown types, another federation, a sender that is not the site
+whose topic it used, a chunk whose hash is wrong — is logged and dropped; it never stops
+the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.architectures import build_onnx, load_user_model
+from orchestrator.journal import RoundJournal, RoundRecord
+from orchestrator.registry import ModelRegistry, ModelVersion, open_database, pool_metrics
+from orchestrator.rounds import RoundEngine, UpdateRejected
+from orchestrator.strategies import StrategyConfig, make_strategy
+from shared.blobs import BlobInbox, BlobOutbox, ChunkError, iter_chunks
+from shared.blobstore import BlobStore
+from shared.config import OrchestratorSettings
+from shared.protocol import (ChunkRequest, EvalMetrics, ModelPublished, OrchestratorStatus, ProtocolError,
+                             RoundCommand, RoundSummary, SiteStatus, UpdateAck, UpdateReport, parse_message)
+from shared.topics import Topics
+from shared.transport import Incoming, Transport
+
+log = logging.getLogger(__name__)
+
+SENDER = "orchestrator"
+
+
+@dataclass
+class _PendingUpload:
+    site: str
+    report: UpdateReport
+
+
+class OrchestratorService:
+    def __init__(self, settings: OrchestratorSettings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.federation)
+        state_dir = Path(settings.state_dir)
+        conn = open_database(state_dir / "orchestrator.sqlite")
+        self.registry = ModelRegistry(conn, BlobStore(state_dir / "blobs"))
+        self.journal = RoundJournal(conn)
+        self.strategy = make_strategy(StrategyConfig.model_validate(settings.strategy))
+        status_offline = OrchestratorStatus(federation=settings.federation, sender=SENDER, state="offline")
+        self.transport = Transport(settings, f"fedmq-{settings.federation}-orchestrator",
+                                   will=(self.topics.orchestrator_status, status_offline.to_bytes()),
+                                   max_message_bytes=settings.chunk_size + 65536)
+        self.inbox = BlobInbox(max_blob_bytes=settings.max_blob_bytes)
+        self.outbox = BlobOutbox()
+        self.presence: dict[str, SiteStatus] = {}
+        self.uploads: dict[str, _PendingUpload] = {}
+        self.engine = RoundEngine(settings, self.registry, self.journal, self.strategy, self)
+        self._traffic_mark = (0, 0)
+        self.rejected = 0
+
+    # lifetime -------------------------------------------------------------------------------
+    def _initial_model(self) -> bytes:
+        s = self.settings
+        if s.initial_model is not None:
+            return load_user_model(s.initial_model)
+        if not s.task_features:
+            raise ValueError("set task_features (FEDMQ_TASK_FEATURES) or initial_model so the first model can be built")
+        return build_onnx(s.architecture, num_features=len(s.task_features), num_outputs=s.num_outputs,
+                          hidden=tuple(s.hidden))
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set or (with ``exit_when_done``) the federation finished."""
+        t = self.transport
+        t.start()
+        for topic in (f"{self.topics.base}/site/+/status", f"{self.topics.base}/site/+/update",
+                      f"{self.topics.base}/site/+/request", f"{self.topics.base}/site/+/blob/+/+"):
+            t.subscribe(topic)
+        self.status("starting")
+        time.sleep(0.5)  # let retained site statuses arrive before the first selection
+        self._drain(0.0)
+        self.engine.start(self._initial_model)
+        try:
+            while not stop.is_set():
+                self._drain(0.2)
+                self._request_stalled()
+                self.engine.tick(self.online())
+                if self.engine.state == "finished" and self.settings.exit_when_done:
+                    break
+        finally:
+            t.stop()
+
+    def _drain(self, timeout: float) -> None:
+        msg = self.transport.get(timeout)
+        while msg is not None:
+            self.handle(msg)
+            msg = self.transport.get(0)
+
+    def online(self) -> set[str]:
+        return {s for s, st in self.presence.items() if st.state != "offline"}
+
+    # routing --------------------------------------------------------------------------------
+    def handle(self, msg: Incoming) -> None:
+        site = self.topics.site_of(msg.topic)
+        if site is None:
+            return
+        try:
+            if Topics.is_chunk(msg.topic):
+                self._on_chunk(site, msg.payload)
+                return
+            message = parse_message(msg.payload)
+            if message.federation != self.settings.federation:
+                raise ProtocolError(f"message is for federation {message.federation!r}, this is "
+                                    f"{self.settings.federation!r}")
+            if message.sender != site:
+                raise ProtocolError(f"sender {message.sender!r} published on site {site!r}'s topic")
+            if isinstance(message, SiteStatus):
+                self._on_status(site, message)
+            elif isinstance(message, UpdateReport):
+                self._on_report(site, message)
+            elif isinstance(message, ChunkRequest):
+                self._on_chunk_request(site, message)
+            else:
+                raise ProtocolError(f"a site may not send {message.type!r} messages")
+        except (ProtocolError, ChunkError) as e:
+            self.rejected += 1
+            log.warning("rejected a message from %s on %s: %s", site, msg.topic, e)
+
+    def _on_status(self, site: str, status: SiteStatus) -> None:
+        before = self.presence.get(site)
+        self.presence[site] = status
+        if before is None or before.state != status.state:
+            log.info("site %s is %s%s", site, status.state, f" ({status.detail})" if status.detail else "")
+
+    def _on_report(self, site: str, report: UpdateReport) -> None:
+        try:
+            self.engine.check_report(site, report)
+        except UpdateRejected as e:
+            log.warning("refused the update of %s for %s: %s", site, report.round_id, e)
+            self.ack(site, report, accepted=False, reason=str(e))
+            return
+        if report.update is None:
+            self._accept(site, report, None)
+            return
+        if report.update.blob_id in self.registry.blobs:
+            self._accept(site, report, self.registry.blobs.get(report.update.blob_id))
+            return
+        self.uploads[report.update.blob_id] = _PendingUpload(site, report)
+        self._blob_complete(site, self.inbox.expect(report.update))
+
+    def _on_chunk(self, site: str, payload: bytes) -> None:
+        self._blob_complete(site, self.inbox.offer(payload))
+
+    def _blob_complete(self, site: str, blob_id: str | None) -> None:
+        if blob_id is None:
+            return
+        data = self.inbox.take(blob_id)
+        pending = self.uploads.pop(blob_id, None)
+        if pending is None or pending.site != site:
+            log.warning("dropped update blob %s from %s: no matching report", blob_id[:12], site)
+            return
+        self._accept(site, pending.report, data)
+
+    def _accept(self, site: str, report: UpdateReport, data: bytes | None) -> None:
+        try:
+            self.engine.accept(site, report, data)
+        except UpdateRejected as e:
+            log.warning("refused the update of %s for %s: %s", site, report.round_id, e)
+            self.ack(site, report, accepted=False, reason=str(e))
+            return
+        self.ack(site, report, accepted=True)
+        self.status(self.engine.state)
+
+    def _on_chunk_request(self, site: str, req: ChunkRequest) -> None:
+        held = self.outbox.get(req.blob_id)
+        if held is None:
+            log.warning("%s asked for blob %s which is no longer offered", site, req.blob_id[:12])
+            return
+        manifest, data = held
+        for index, chunk in iter_chunks(data, manifest, req.indices):
+            self.transport.publish(self.topics.to_site_chunk(site, manifest.blob_id, index), chunk)
+
+    def _request_stalled(self) -> None:
+        for blob_id in self.inbox.stalled(older_than=5.0):
+            pending = self.uploads.get(blob_id)
+            if pending is None:
+                self.inbox.forget(blob_id)
+                continue
+            req = ChunkRequest(federation=self.settings.federation, sender=SENDER, blob_id=blob_id,
+                               indices=self.inbox.missing(blob_id))
+            log.info("asking %s again for %d chunks of its update", pending.site, len(req.indices))
+            self.transport.publish(self.topics.to_site(pending.site, "request"), req.to_bytes())
+
+    # RoundPublisher -------------------------------------------------------------------------
+    def ack(self, site: str, report: UpdateReport, *, accepted: bool, reason: str | None = None) -> None:
+        ack = UpdateAck(federation=self.settings.federation, sender=SENDER, round_id=report.round_id,
+                        blob_id=report.update.blob_id if report.update else None, accepted=accepted, reason=reason)
+        self.transport.publish(self.topics.to_site(site, "ack"), ack.to_bytes())
+
+    def announce(self, command: RoundCommand, model: bytes) -> None:
+        self._traffic_mark = (self.transport.bytes_sent, self.transport.bytes_received)
+        self.outbox.add(command.model, model)
+        for index, chunk in iter_chunks(model, command.model):
+            self.transport.publish(self.topics.broadcast_chunk(command.model.blob_id, index), chunk)
+        self.transport.publish(self.topics.round, command.to_bytes(), retain=True)
+
+    def model_published(self, version: ModelVersion) -> None:
+        msg = ModelPublished(federation=self.settings.federation, sender=SENDER, version=version.version,
+                             sha256=version.sha256, parent=version.parent, round=version.round,
+                             contributors=version.contributors)
+        self.transport.publish(self.topics.model, msg.to_bytes(), retain=True)
+
+    def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
+                      site_metrics: dict[str, EvalMetrics], seconds: dict[str, float]) -> None:
+        sent, received = self.transport.bytes_sent, self.transport.bytes_received
+        msg = RoundSummary(federation=self.settings.federation, sender=SENDER, round=record.round,
+                           evaluated_version=evaluated_version, new_version=new_version, site_metrics=site_metrics,
+                           pooled=pool_metrics(site_metrics), bytes_down=sent - self._traffic_mark[0],
+                           bytes_up=received - self._traffic_mark[1], seconds=seconds)
+        self.transport.publish(self.topics.round_summary, msg.to_bytes(), retain=True)
+
+    def status(self, state: str, detail: str = "") -> None:
+        cur = self.engine.current if hasattr(self, "engine") else None
+        latest = self.registry.latest()
+        msg = OrchestratorStatus(
+            federation=self.settings.federation, sender=SENDER, state=state,
+            round=cur.record.round if cur else None, attempt=cur.record.attempt if cur else None,
+            round_id=cur.record.round_id if cur else None, model_version=latest.version if latest else None,
+            selected=cur.record.selected if cur else [], reported=sorted(cur.reported) if cur else [],
+            deadline=cur.record.deadline if cur else None, detail=detail)
+        self.transport.publish(self.topics.orchestrator_status, msg.to_bytes(), retain=True)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what fedmq needs on a fresh machine, skipping whatever is already there.
+# Usage: scripts/setup.sh [--test]   (--test adds the test tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Mosquitto (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+  else
+    echo "[setup] Mosquitto not found and cannot install it here (need root + apt-get)." >&2
+    echo "        The demo falls back to the embedded amqtt broker; the tests need Mosquitto:" >&2
+    echo "        install it with your package manager (e.g. 'sudo apt-get install mosquitto')." >&2
+  fi
+fi
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  # The CPU build of 2.13.0 is the one provisioned for offline machines; pip finds it locally.
+  echo "[setup] installing torch 2.13.0"
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+if ! "$PY" -c "import fedmq, importlib.metadata as m; m.version('fedmq')" >/dev/null 2>&1 || [ -n "$extras" ]; then
+  echo "[setup] installing fedmq${extras} and its dependencies"
+  "$PY" -m pip install -q --disable-pip-version-check -e ".${extras}"
+fi

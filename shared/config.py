@@ -1,0 +1,126 @@
+"""Settings of the orchestrator and the agent: environment (``FEDMQ_*``) and an optional TOML file.
+
+Precedence, highest first: explicit arguments (CLI flags), environment variables, the TOML
+file named by ``--config`` or ``FEDMQ_CONFIG``, defaults. Nested settings use ``__`` in
+environment names, e.g. ``FEDMQ_TRAINING__LEARNING_RATE=0.01``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
+
+from shared.blobs import DEFAULT_CHUNK_SIZE
+from shared.protocol import TrainingConfig
+from shared.topics import check_name
+
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fedmq_config_file", default=None)
+
+
+class CommonSettings(BaseSettings):
+    """What both sides need: where the broker is, how to authenticate, which federation."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDMQ_", env_nested_delimiter="__", extra="forbid",
+                                      nested_model_default_partial_update=True)
+
+    federation: str = "demo"
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_version: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive: int = Field(default=30, ge=5)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024)
+    max_blob_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    state_dir: Path = Path(".fedmq")
+    log_level: str = "INFO"
+
+    @field_validator("federation")
+    @classmethod
+    def _federation_name(cls, v: str) -> str:
+        return check_name("federation id", v)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _CONFIG_FILE.get() or (Path(os.environ["FEDMQ_CONFIG"]) if os.environ.get("FEDMQ_CONFIG") else None)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {path} does not exist; fix --config / FEDMQ_CONFIG")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+class OrchestratorSettings(CommonSettings):
+    """The federation's plan: how many rounds, who takes part, how to train and aggregate."""
+
+    rounds: int = Field(default=15, ge=1)
+    min_sites: int = Field(default=2, ge=1, description="sites that must be online before a round starts")
+    quorum: int | None = Field(default=None, ge=1,
+                               description="reports needed to aggregate once the deadline passed (default min_sites)")
+    sample_fraction: float | None = Field(default=None, gt=0, le=1)
+    sample_count: int | None = Field(default=None, ge=1)
+    sampling_seed: int = 0
+    round_timeout: float = Field(default=600.0, gt=0, description="seconds from announcement to deadline")
+    max_attempts: int = Field(default=20, ge=1, description="attempts per round before the orchestrator gives up")
+    initial_model: Path | None = None
+    architecture: str = "logreg"
+    num_outputs: int = Field(default=1, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [64])
+    task_features: list[str] = Field(default_factory=list)
+    task_label: str = "label"
+    standardize: bool = True
+    training: TrainingConfig = TrainingConfig(local_steps=100, batch_size=4, learning_rate=0.05)
+    strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
+    final_evaluation: bool = True
+    exit_when_done: bool = False
+
+    @model_validator(mode="after")
+    def _one_sampling_rule(self) -> "OrchestratorSettings":
+        if self.sample_fraction is not None and self.sample_count is not None:
+            raise ValueError("set at most one of sample_fraction and sample_count")
+        return self
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum or self.min_sites
+
+
+class AgentSettings(CommonSettings):
+    """One hospital's agent: its identity, its local data, and limits the orchestrator cannot change."""
+
+    site_id: str
+    data_train: Path
+    data_test: Path | None = None
+    label_column: str | None = Field(default=None, description="local name of the task's label column")
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    ack_timeout: float = Field(default=20.0, gt=0, description="seconds to wait for the orchestrator's ack")
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_name(cls, v: str) -> str:
+        return check_name("site id", v)
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def load_settings(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
+    """Build settings from arguments, environment and an optional TOML file (see module docstring)."""
+    token = _CONFIG_FILE.set(config_file)
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _CONFIG_FILE.reset(token)

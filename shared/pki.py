@@ -1,0 +1,405 @@
+"""The federation's PKI: one private CA that every TLS identity on the broker chains to.
+
+Why a private CA: Mosquitto authenticates clients by certificate (``require_certificate``)
+and takes the certificate's CN as the MQTT username (``use_identity_as_username``), which
+the ACL then uses to fence each site into its own topics. So the CN *is* the identity:
+a site id for hospital agents, ``orchestrator`` and ``operator`` for the two central roles.
+Revocation goes through a CRL that Mosquitto reads via ``crlfile``.
+
+Directory layout (``init`` creates it; keys are written 0600, everything else 0644)::
+
+    DIR/
+      ca.crt  ca.key            federation root CA; its O attribute is the federation name.
+                                ca.key signs everything: keep DIR off the broker host.
+      crl.pem                   revoked serials, re-signed by every revoke; Mosquitto crlfile
+      broker.crt broker.key     server certificate (SANs: the --broker-host names,
+                                localhost, 127.0.0.1)
+      orchestrator.crt .key     client certificate, CN=orchestrator
+      operator.crt .key         client certificate, CN=operator (read-only monitor)
+      sites/<id>.crt <id>.key   one client certificate per site, CN=<id>
+
+What goes where: the broker gets ca.crt, crl.pem, broker.crt/.key; the orchestrator host
+gets ca.crt and orchestrator.crt/.key; each hospital gets ca.crt and only its own
+sites/<id>.crt/.key.
+
+Keys are EC P-256 (small, fast, supported by every OpenSSL Mosquitto and paho link to).
+Reissuing an identity (``force``) revokes the certificate it replaces, so at most one
+unrevoked certificate per identity exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_VALIDITY_DAYS = 3650
+CERT_VALIDITY_DAYS = 825
+ORCHESTRATOR = "orchestrator"
+OPERATOR = "operator"
+BROKER = "broker"
+# A site named like a central role would inherit that role's ACL section.
+RESERVED_NAMES = frozenset({ORCHESTRATOR, OPERATOR, BROKER})
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DNS_NAME_PATTERN = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*")
+# The broker must also be reachable from its own host (health checks, tests).
+LOCAL_BROKER_HOSTS = ("localhost", "127.0.0.1")
+
+
+class PkiError(ValueError):
+    """Bad input or PKI state; the message says what to do next."""
+
+
+def validate_name(value: str, what: str, example: str = "hospital-a") -> str:
+    """Refuse names that cannot be a topic level and a CN at once.
+
+    Mosquitto's ``%u`` patterns deny usernames containing ``+``, ``#`` or ``/``, and the
+    id is a topic level and a file name, so we keep it to lowercase letters, digits, ``_``
+    and ``-``.
+    """
+    if not NAME_PATTERN.fullmatch(value):
+        raise PkiError(f"invalid {what} {value!r}: use 1-63 characters of a-z, 0-9, '_' and '-', "
+                       f"starting with a letter or digit (e.g. {example!r})")
+    return value
+
+
+def validate_site_id(site_id: str) -> str:
+    """A valid site id that is not one of the central roles' names."""
+    validate_name(site_id, "site id")
+    if site_id in RESERVED_NAMES:
+        raise PkiError(f"site id {site_id!r} is reserved for the {site_id} identity; choose another site id")
+    return site_id
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """One issued certificate as ``list`` shows it."""
+
+    role: str
+    subject: str
+    serial: int
+    not_after: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Issued:
+    """Where a freshly issued certificate and its key were written."""
+
+    name: str
+    cert_path: Path
+    key_path: Path
+    certificate: x509.Certificate
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically with ``mode`` from the start, so a key is never briefly world-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # O_CREAT's mode is masked by the umask and ignored for an existing file
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    # Unencrypted: Mosquitto would otherwise prompt for a passphrase at start-up.
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class FederationPki:
+    """A PKI directory (see the module docstring); ``init`` creates one, the constructor opens one."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        if not self.ca_cert_path.exists():
+            raise PkiError(f"{self.root} holds no federation PKI (no ca.crt): create one with "
+                           f"`fedmq pki init {self.root} --federation NAME --broker-host HOST`")
+        self.ca_cert = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+        orgs = self.ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        self.federation = str(orgs[0].value) if orgs else ""
+
+    # -- layout ------------------------------------------------------------------------------
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.root / "crl.pem"
+
+    @property
+    def sites_dir(self) -> Path:
+        return self.root / "sites"
+
+    def cert_path(self, name: str) -> Path:
+        """Where the certificate of ``name`` (a site id, or broker/orchestrator/operator) lives."""
+        return self.root / f"{name}.crt" if name in RESERVED_NAMES else self.sites_dir / f"{name}.crt"
+
+    def key_path(self, name: str) -> Path:
+        return self.cert_path(name).with_suffix(".key")
+
+    def identity_uri(self, name: str) -> str:
+        """The URI SAN of a client certificate: names the federation as well as the identity."""
+        return f"urn:fedmq:{self.federation}:{name}"
+
+    # -- creation ----------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, root: Path | str, federation: str, broker_hosts: Sequence[str] = (), *,
+             force: bool = False) -> FederationPki:
+        """Create the CA, CRL, broker, orchestrator and operator certificates that are missing.
+
+        Safe to re-run: existing files are kept. A CA of another federation is an error (its
+        sites' certificates would carry the wrong federation). Changed broker hosts need
+        ``force``, which reissues the broker certificate (never the CA: that would invalidate
+        every site's certificate).
+        """
+        root = Path(root)
+        validate_name(federation, "federation name", "demo")
+        hosts = _broker_hosts(broker_hosts)
+        new_ca = not (root / "ca.crt").exists()
+        if new_ca:
+            if (root / "ca.key").exists():
+                raise PkiError(f"{root / 'ca.key'} exists without ca.crt: restore ca.crt from a backup, "
+                               f"or remove ca.key to start a new federation PKI")
+            key = _new_key()
+            name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, federation),
+                              x509.NameAttribute(NameOID.COMMON_NAME, f"fedmq {federation} CA")])
+            now = _now()
+            ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+            cert = (x509.CertificateBuilder()
+                    .subject_name(name).issuer_name(name).public_key(key.public_key())
+                    .serial_number(x509.random_serial_number())
+                    .not_valid_before(now - dt.timedelta(minutes=5))
+                    .not_valid_after(now + dt.timedelta(days=CA_VALIDITY_DAYS))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                    .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                                 key_encipherment=False, data_encipherment=False,
+                                                 key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                                 encipher_only=False, decipher_only=False), critical=True)
+                    .add_extension(ski, critical=False)
+                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                                   critical=False)
+                    .sign(key, hashes.SHA256()))
+            _write(root / "ca.key", _key_pem(key), 0o600)
+            _write(root / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        pki = cls(root)
+        if pki.federation != federation:
+            raise PkiError(f"{root} is the PKI of federation {pki.federation!r}, not {federation!r}: "
+                           f"use another directory for a new federation")
+        if new_ca:
+            pki._write_crl([])
+        if pki.cert_path(BROKER).exists():
+            current = pki._sans(pki.load(BROKER))
+            if current != set(hosts):
+                if not force:
+                    raise PkiError(f"the broker certificate covers {sorted(current)}, not {sorted(hosts)}: "
+                                   f"pass --force to reissue it for the new hosts")
+                pki._issue(BROKER, force=True, server_hosts=hosts)
+        else:
+            pki._issue(BROKER, force=False, server_hosts=hosts)
+        for role in (ORCHESTRATOR, OPERATOR):
+            if not pki.cert_path(role).exists():
+                pki._issue(role, force=False)
+        return pki
+
+    def issue_site(self, site_id: str, *, force: bool = False) -> Issued:
+        """Issue the site's client certificate; ``force`` replaces (and revokes) an existing one."""
+        return self._issue(validate_site_id(site_id), force=force)
+
+    def _issue(self, name: str, *, force: bool, server_hosts: Sequence[str] = ()) -> Issued:
+        cert_path, key_path = self.cert_path(name), self.key_path(name)
+        if cert_path.exists():
+            old = self.load(name)
+            revoked = self.revoked().get(old.serial_number)
+            if not force:
+                state = (f"revoked on {revoked:%Y-%m-%d}" if revoked
+                         else f"valid until {old.not_valid_after_utc:%Y-%m-%d}")
+                raise PkiError(f"{name} already has a certificate (serial {old.serial_number:x}, {state}) at "
+                               f"{cert_path}: pass --force to issue a new one (the old one gets revoked)")
+            if revoked is None:
+                self._revoke_serials([old.serial_number])
+        ca_key = self._ca_key()
+        key = _new_key()
+        now = _now()
+        server = name == BROKER
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.federation),
+                                            x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(self.ca_cert.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(min(now + dt.timedelta(days=CERT_VALIDITY_DAYS),
+                                        self.ca_cert.not_valid_after_utc))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                                key_encipherment=False, data_encipherment=False,
+                                                key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                                encipher_only=False, decipher_only=False), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                         else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                   .add_extension(self._aki(), critical=False))
+        # Mosquitto reads the CN; the SAN is for verifiers that, per RFC 6125, ignore CNs.
+        sans = _general_names(server_hosts) if server else [x509.UniformResourceIdentifier(self.identity_uri(name))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        _write(key_path, _key_pem(key), 0o600)
+        _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return Issued(name, cert_path, key_path, cert)
+
+    # -- revocation --------------------------------------------------------------------------
+
+    def revoke(self, name: str) -> x509.Certificate:
+        """Revoke the current certificate of a site (or of the orchestrator/operator).
+
+        The CRL file is rewritten in place; Mosquitto reads it at start-up and on SIGHUP, so
+        the broker must be signalled (``docker kill -s HUP mosquitto``) or restarted.
+        """
+        if name not in (ORCHESTRATOR, OPERATOR):
+            validate_site_id(name)
+        if not self.cert_path(name).exists():
+            raise PkiError(f"no certificate for {name!r} in {self.root}: `fedmq pki list {self.root}` "
+                           f"shows the issued ones")
+        cert = self.load(name)
+        when = self.revoked().get(cert.serial_number)
+        if when is not None:
+            raise PkiError(f"the certificate of {name!r} (serial {cert.serial_number:x}) was already "
+                           f"revoked on {when:%Y-%m-%d %H:%M} UTC; nothing to do")
+        self._revoke_serials([cert.serial_number])
+        return cert
+
+    def revoked(self) -> dict[int, dt.datetime]:
+        """Revoked serial numbers and when they were revoked, from the CRL."""
+        crl = self.load_crl()
+        return {r.serial_number: r.revocation_date_utc for r in crl}
+
+    def load_crl(self) -> x509.CertificateRevocationList:
+        if not self.crl_path.exists():
+            raise PkiError(f"{self.crl_path} is missing: restore it from a backup (an empty CRL would "
+                           f"silently un-revoke every revoked certificate)")
+        return x509.load_pem_x509_crl(self.crl_path.read_bytes())
+
+    def _revoke_serials(self, serials: Iterable[int]) -> None:
+        now = _now()
+        entries = [(r.serial_number, r.revocation_date_utc) for r in self.load_crl()]
+        entries += [(s, now) for s in serials]
+        self._write_crl(entries)
+
+    def _write_crl(self, entries: Sequence[tuple[int, dt.datetime]]) -> None:
+        """Sign a CRL valid until the CA expires.
+
+        Why so long: OpenSSL rejects *every* client once the CRL's nextUpdate passes, and
+        this CRL is not fetched by anyone but handed to our own broker, so a short
+        nextUpdate would only add an outage whenever nobody re-signed it in time.
+        """
+        number = 1
+        if self.crl_path.exists():
+            ext = self.load_crl().extensions.get_extension_for_class(x509.CRLNumber)
+            number = ext.value.crl_number + 1
+        now = _now()
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(self.ca_cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5))
+                   .next_update(self.ca_cert.not_valid_after_utc)
+                   .add_extension(x509.CRLNumber(number), critical=False)
+                   .add_extension(self._aki(), critical=False))
+        for serial, when in entries:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+        crl = builder.sign(self._ca_key(), hashes.SHA256())
+        _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def load(self, name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_path(name).read_bytes())
+
+    def site_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.sites_dir.glob("*.crt")) if self.sites_dir.is_dir() else []
+
+    def certificates(self) -> list[CertInfo]:
+        """Every certificate in the directory: CA, broker, orchestrator, operator, then sites."""
+        revoked = self.revoked()
+        named: list[tuple[str, Path]] = [("ca", self.ca_cert_path)]
+        named += [(role, self.cert_path(role)) for role in (BROKER, ORCHESTRATOR, OPERATOR)]
+        named += [("site", self.cert_path(site)) for site in self.site_ids()]
+        infos = []
+        for role, path in named:
+            if not path.exists():
+                continue
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            infos.append(CertInfo(role, cert.subject.rfc4514_string(), cert.serial_number,
+                                  cert.not_valid_after_utc, revoked.get(cert.serial_number)))
+        return infos
+
+    def _ca_key(self) -> ec.EllipticCurvePrivateKey:
+        if not self.ca_key_path.exists():
+            raise PkiError(f"{self.ca_key_path} is missing: signing needs the CA key; run this on the "
+                           f"machine that holds the federation's CA")
+        key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError(f"{self.ca_key_path} is not an EC private key")
+        return key
+
+    def _aki(self) -> x509.AuthorityKeyIdentifier:
+        ski = self.ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+    @staticmethod
+    def _sans(cert: x509.Certificate) -> set[str]:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {str(n.value) for n in san}
+
+
+def _broker_hosts(hosts: Iterable[str]) -> list[str]:
+    """The requested broker names plus the local ones, normalised and deduplicated, order kept."""
+    result: list[str] = []
+    for raw in [*hosts, *LOCAL_BROKER_HOSTS]:
+        host = raw.strip().lower()
+        if _is_ip(host):
+            host = str(ipaddress.ip_address(host))
+        elif not DNS_NAME_PATTERN.fullmatch(host):
+            raise PkiError(f"invalid broker host {raw!r}: give a DNS name or an IP address, "
+                           f"without scheme or port (e.g. --broker-host mqtt.example.org)")
+        if host not in result:
+            result.append(host)
+    return result
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _general_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    return [x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts]

@@ -1,0 +1,253 @@
+"""Control messages exchanged over MQTT, as pydantic models.
+
+Every message carries the protocol version, a unique id, the federation and the sender in
+its JSON payload (not in MQTT 5 properties), so the protocol works on MQTT 3.1.1 brokers
+too. Binary payloads never travel inside these messages: they are described by a
+``BlobManifest`` and sent as chunks (see ``shared.blobs``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from shared.topics import NAME_PATTERN
+
+PROTOCOL_VERSION = 1
+MAX_CONTROL_MESSAGE_BYTES = 1024 * 1024
+# pydantic patterns match anywhere in the string (a search), so they must be anchored.
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ID_PATTERN = rf"^{NAME_PATTERN}$"
+
+
+class ProtocolError(ValueError):
+    """A payload that is not a valid message of this protocol; the text says why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BlobManifest(_Strict):
+    """What a receiver needs to reassemble and verify a chunked binary payload."""
+
+    blob_id: str = Field(pattern=SHA256_PATTERN, description="sha256 of the whole payload")
+    size: int = Field(ge=0)
+    chunk_size: int = Field(gt=0)
+    chunk_sha256: list[Annotated[str, Field(pattern=SHA256_PATTERN)]]
+    media_type: str = Field(max_length=100)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BlobManifest":
+        expected = max(1, math.ceil(self.size / self.chunk_size))
+        if len(self.chunk_sha256) != expected:
+            raise ValueError(f"manifest lists {len(self.chunk_sha256)} chunks but size {self.size} "
+                             f"at chunk size {self.chunk_size} needs {expected}")
+        return self
+
+    @property
+    def count(self) -> int:
+        return len(self.chunk_sha256)
+
+
+class TaskSpec(_Strict):
+    """The learning task: which CSV columns are features (in order) and which is the label."""
+
+    features: list[str] = Field(min_length=1)
+    label: str
+    standardize: bool = True
+
+
+class TrainingConfig(_Strict):
+    """Local training settings, chosen by the orchestrator and sent with every round."""
+
+    local_steps: int | None = Field(default=None, gt=0)
+    local_epochs: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    learning_rate: float = Field(default=0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    loss: Literal["bce", "bce_logits", "cross_entropy", "mse"] = "bce"
+    seed: int = 0
+    proximal_mu: float = Field(default=0.0, ge=0)
+    local_parameters: list[str] = Field(default_factory=list,
+                                        description="initializers each site keeps for itself (FedBN)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainingConfig":
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs")
+        return self
+
+
+class EvalMetrics(_Strict):
+    """A model's quality on one site's test set; counts let the orchestrator pool exactly."""
+
+    num_examples: int = Field(ge=0)
+    loss: float
+    accuracy: float | None = None
+    correct: int | None = None
+
+
+class Message(_Strict):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    msg_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=8, max_length=64)
+    federation: str = Field(pattern=ID_PATTERN)
+    sender: str = Field(pattern=ID_PATTERN)
+    sent_at: float = Field(default_factory=time.time)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class RoundCommand(Message):
+    """Announces a round: which model version, who takes part, how to train, until when."""
+
+    type: Literal["round"] = "round"
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=1)
+    round_id: str = Field(max_length=100)
+    kind: Literal["train", "evaluate"] = "train"
+    model_version: int = Field(ge=0)
+    model: BlobManifest
+    selected: list[Annotated[str, Field(pattern=ID_PATTERN)]]
+    training: TrainingConfig
+    task: TaskSpec
+    deadline: float
+
+
+class UpdateReport(Message):
+    """A site's answer to a round: its update (as a manifest) and how the base model scored."""
+
+    type: Literal["update"] = "update"
+    round_id: str = Field(max_length=100)
+    round: int = Field(ge=1)
+    base_version: int = Field(ge=0)
+    num_samples: int = Field(ge=0)
+    update: BlobManifest | None = None
+    train_metrics: dict[str, float] = Field(default_factory=dict)
+    evaluation: EvalMetrics | None = None
+    train_seconds: float = 0.0
+
+    @field_validator("train_metrics")
+    @classmethod
+    def _finite(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"train metrics {bad} are not finite")
+        return v
+
+
+class UpdateAck(Message):
+    """The orchestrator has the update stored (or refuses it, with a reason); the site can forget it."""
+
+    type: Literal["ack"] = "ack"
+    round_id: str
+    blob_id: str | None = None
+    accepted: bool
+    reason: str | None = None
+
+
+class ChunkRequest(Message):
+    """Asks the other side to send (again) chunks of a blob it offered; empty ``indices`` = all."""
+
+    type: Literal["chunk_request"] = "chunk_request"
+    blob_id: str = Field(pattern=SHA256_PATTERN)
+    indices: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100_000)
+
+
+SiteState = Literal["online", "idle", "downloading", "training", "uploading", "evaluating", "error", "offline"]
+
+
+class SiteStatus(Message):
+    """Retained presence of an agent; its last will publishes the same with ``state='offline'``."""
+
+    type: Literal["status"] = "status"
+    state: SiteState
+    agent_version: str
+    model_version: int | None = None
+    round_id: str | None = None
+    num_samples: int | None = None
+    detail: str = ""
+
+
+class OrchestratorStatus(Message):
+    type: Literal["orch_status"] = "orch_status"
+    state: Literal["starting", "waiting", "collecting", "aggregating", "evaluating", "finished", "offline"]
+    round: int | None = None
+    attempt: int | None = None
+    round_id: str | None = None
+    model_version: int | None = None
+    selected: list[str] = Field(default_factory=list)
+    reported: list[str] = Field(default_factory=list)
+    deadline: float | None = None
+    detail: str = ""
+
+
+class ModelPublished(Message):
+    """A new global version exists; retained so late joiners know the latest."""
+
+    type: Literal["model"] = "model"
+    version: int
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    parent: int | None
+    round: int | None
+    contributors: dict[str, int] = Field(default_factory=dict)
+
+
+class RoundSummary(Message):
+    """What operators watch: how the evaluated version scored, per site and pooled, and what it cost."""
+
+    type: Literal["round_summary"] = "round_summary"
+    round: int
+    evaluated_version: int
+    new_version: int | None
+    site_metrics: dict[str, EvalMetrics]
+    pooled: EvalMetrics | None
+    bytes_down: int
+    bytes_up: int
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+
+AnyMessage = Annotated[
+    Union[RoundCommand, UpdateReport, UpdateAck, ChunkRequest, SiteStatus, OrchestratorStatus, ModelPublished,
+          RoundSummary],
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+MESSAGE_TYPES = ("round", "update", "ack", "chunk_request", "status", "orch_status", "model", "round_summary")
+
+
+def _reject_constant(name: str) -> float:
+    """NaN and Infinity are not JSON (pydantic never writes them); a metric carrying one is refused."""
+    raise ProtocolError(f"{name} is not a valid JSON number; metrics must be finite")
+
+
+def parse_message(payload: bytes, *, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES) -> Message:
+    """Decode and validate a control message; any problem becomes a ``ProtocolError`` saying what."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"control message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        raw = json.loads(payload, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("malformed JSON: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("a message must be a JSON object")
+    if raw.get("protocol") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {raw.get('protocol')!r} is not supported (this side speaks "
+                            f"{PROTOCOL_VERSION}); upgrade the older side")
+    if raw.get("type") not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {raw.get('type')!r}; known: {', '.join(MESSAGE_TYPES)}")
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
+        raise ProtocolError(f"invalid {raw['type']} message: {problems}") from None

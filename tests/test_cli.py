@@ -1,0 +1,159 @@
+"""The ``fedmq`` command: creating models and reading the registry, through typer's CliRunner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from typer.testing import CliRunner
+
+from fedmq.cli import app
+from orchestrator.architectures import build_onnx
+from orchestrator.registry import ModelRegistry, open_database
+from shared.blobstore import BlobStore
+from shared.onnx_model import load_model_bytes
+from shared.protocol import EvalMetrics
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("FEDMQ_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def models() -> list[bytes]:
+    return [build_onnx("logreg", num_features=13, num_outputs=1, seed=s) for s in (0, 1)]
+
+
+@pytest.fixture()
+def state_dir(tmp_path: Path, models: list[bytes]) -> Path:
+    root = tmp_path / "orch-state"
+    conn = open_database(root / "orchestrator.sqlite")
+    registry = ModelRegistry(conn, BlobStore(root / "blobs"))
+    with conn:
+        registry.add_version(models[0], parent=None, round=None, contributors={}, strategy={"name": "fedavg"},
+                             training={"local_steps": 10}, note="initial")
+        registry.add_version(models[1], parent=0, round=1, contributors={"cleveland": 199, "va": 85},
+                             strategy={"name": "fedavg"}, training={"local_steps": 10})
+        registry.record_evaluation(0, "cleveland", EvalMetrics(num_examples=104, loss=0.6, accuracy=0.75, correct=78))
+        registry.record_evaluation(0, "va", EvalMetrics(num_examples=45, loss=0.7, accuracy=0.6, correct=27))
+    conn.close()
+    return root
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_models_init_writes_a_loadable_onnx(tmp_path: Path) -> None:
+    out = tmp_path / "init.onnx"
+    result = _run("models", "init", "--arch", "logreg", "--features", "13", "--out", out)
+    assert result.exit_code == 0, result.output
+    data = out.read_bytes()
+    assert f"wrote {out} ({len(data)} bytes)" in result.stdout
+    load_model_bytes(data)
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (prob,) = session.run(None, {session.get_inputs()[0].name: np.zeros((3, 13), np.float32)})
+    assert prob.shape[0] == 3 and np.all((prob >= 0) & (prob <= 1))
+    # canonical: the same arguments give the same file
+    assert data == build_onnx("logreg", num_features=13, num_outputs=1)
+
+
+def test_models_init_bad_arguments_are_reported(tmp_path: Path) -> None:
+    out = tmp_path / "x.onnx"
+    result = _run("models", "init", "--arch", "logreg", "--features", "13", "--opset", "3", "--out", out)
+    assert result.exit_code != 0
+    assert "opset must be in" in result.stderr
+    assert not out.exists()
+
+
+def test_models_list(state_dir: Path, models: list[bytes]) -> None:
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["models", "list", "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("│")]
+    assert [row[:3] for row in rows] == [["0", "-", "-"], ["1", "1", "0"]], result.stdout
+    assert [row[3] for row in rows] == [hashlib.sha256(m).hexdigest()[:12] for m in models]
+    assert rows[1][4] == "cleveland,va"
+    assert rows[0][5] == "0.705"  # pooled accuracy of v0: (78 + 27) / (104 + 45), not the mean of 0.75 and 0.6
+    assert rows[1][5] == "-"
+
+
+def test_models_show(state_dir: Path, models: list[bytes]) -> None:
+    result = _run("models", "show", "0", "--state-dir", state_dir)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["version"] == 0 and record["parent"] is None and record["note"] == "initial"
+    assert record["sha256"] == hashlib.sha256(models[0]).hexdigest()
+    assert record["size"] == len(models[0])
+    assert record["evaluations"]["va"]["correct"] == 27
+    assert record["pooled"]["num_examples"] == 149 and record["pooled"]["correct"] == 105
+
+    record1 = json.loads(_run("models", "show", "1", "--state-dir", state_dir).stdout)
+    assert record1["contributors"] == {"cleveland": 199, "va": 85} and record1["round"] == 1
+    assert record1["pooled"] is None
+
+
+def test_models_export(state_dir: Path, models: list[bytes], tmp_path: Path) -> None:
+    out = tmp_path / "v1.onnx"
+    result = _run("models", "export", "1", out, "--state-dir", state_dir)
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(models[1]).hexdigest()
+
+
+def test_models_export_refuses_a_corrupted_file(state_dir: Path, models: list[bytes], tmp_path: Path) -> None:
+    sha = hashlib.sha256(models[1]).hexdigest()
+    BlobStore(state_dir / "blobs").path(sha).write_bytes(b"not the model")
+    out = tmp_path / "v1.onnx"
+    result = _run("models", "export", "1", out, "--state-dir", state_dir)
+    assert result.exit_code != 0
+    assert "corrupted" in result.stderr
+    assert not out.exists()
+
+
+def test_models_show_unknown_version_names_the_latest(state_dir: Path) -> None:
+    result = _run("models", "show", "99", "--state-dir", state_dir)
+    assert result.exit_code != 0
+    assert "model version 99 does not exist (latest is 1)" in result.stderr
+
+
+def test_models_commands_without_a_registry(tmp_path: Path) -> None:
+    result = _run("models", "list", "--state-dir", tmp_path / "empty")
+    assert result.exit_code != 0
+    assert "no registry at" in result.stderr and "--state-dir" in result.stderr
+
+
+def _heartbeat(root: Path, *, age: float = 0.0, connected: bool = True) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "health.json").write_text(json.dumps({"time": time.time() - age, "connected": connected,
+                                                  "state": "idle", "model_version": 3}))
+
+
+def test_agent_health_without_heartbeat(tmp_path: Path) -> None:
+    result = _run("agent", "health", "--state-dir", tmp_path / "agent")
+    assert result.exit_code != 0
+    assert "no heartbeat at" in result.stderr
+    assert "is the agent running with this state directory?" in result.stderr
+
+
+def test_agent_health_states(tmp_path: Path) -> None:
+    root = tmp_path / "agent"
+    _heartbeat(root)
+    ok = _run("agent", "health", "--state-dir", root)
+    assert ok.exit_code == 0 and "ok: idle, model v3" in ok.stdout
+
+    _heartbeat(root, age=600)
+    stale = _run("agent", "health", "--state-dir", root, "--max-age", "60")
+    assert stale.exit_code != 0 and "stuck or stopped" in stale.stderr
+
+    _heartbeat(root, connected=False)
+    offline = _run("agent", "health", "--state-dir", root)
+    assert offline.exit_code != 0 and "not connected to the broker" in offline.stderr

@@ -1,0 +1,263 @@
+"""The MQTT transport against a real Mosquitto: delivery, chunks, sessions, wills, limits, reconnects."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from shared.blobs import BlobInbox, iter_chunks, make_manifest
+from shared.broker import Broker, free_port, start_mosquitto
+from shared.config import CommonSettings
+from shared.topics import Topics
+from shared.transport import BrokerAddress, Incoming, Transport, TransportError
+
+WAIT = 10.0  # seconds before a message that should arrive is declared lost
+
+MakeTransport = Callable[..., Transport]
+
+
+def _topics() -> Topics:
+    return Topics(f"t-{uuid.uuid4().hex[:12]}")
+
+
+def _settings(url: str, version: str = "5", **kwargs: object) -> CommonSettings:
+    return CommonSettings(broker_url=url, mqtt_version=version, keepalive=5, **kwargs)
+
+
+@pytest.fixture()
+def make_transport() -> Iterator[MakeTransport]:
+    """Builds (and at teardown stops) transports; ``start=False`` leaves the connecting to the test."""
+    made: list[Transport] = []
+
+    def make(url: str, *, version: str = "5", client_id: str | None = None, start: bool = True,
+             **kwargs: object) -> Transport:
+        t = Transport(_settings(url, version), client_id or f"c-{uuid.uuid4().hex[:10]}", **kwargs)
+        made.append(t)
+        return t.start(timeout=WAIT) if start else t
+
+    yield make
+    for t in made:
+        try:
+            t.stop()
+        except Exception:  # already stopped or never connected
+            pass
+
+
+def _expect(t: Transport, topic: str | None = None, timeout: float = WAIT) -> Incoming:
+    """The next message (on ``topic`` if given), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        msg = t.get(timeout=left)
+        if msg is not None and (topic is None or msg.topic == topic):
+            return msg
+    pytest.fail(f"no message{' on ' + topic if topic else ''} within {timeout}s")
+
+
+def _subscribed(pub: Transport, sub: Transport, topic_filter: str, probe_topic: str,
+                timeout: float = WAIT) -> None:
+    """Subscribe and wait until the broker really routes to us (a probe arrives), then drain probes."""
+    sub.subscribe(topic_filter)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pub.publish(probe_topic, b"probe")
+        msg = sub.get(timeout=0.3)
+        if msg is not None and msg.topic == probe_topic:
+            while sub.get(timeout=0.3) is not None:
+                pass
+            return
+    pytest.fail(f"subscription to {topic_filter} not effective within {timeout}s")
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_publish_subscribe(mosquitto: Broker, make_transport: MakeTransport, version: str) -> None:
+    topics = _topics()
+    sub = make_transport(mosquitto.url, version=version)
+    pub = make_transport(mosquitto.url, version=version)
+    _subscribed(pub, sub, topics.everything, topics.round)
+    topic = topics.site("site-a", "update")
+    pub.publish(topic, b"hello").wait_for_publish(WAIT)
+    msg = _expect(sub)
+    assert (msg.topic, msg.payload, msg.retained) == (topic, b"hello", False)
+    assert pub.bytes_sent >= 5 and sub.bytes_received >= 5
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_retained_message_reaches_a_late_subscriber(mosquitto: Broker, make_transport: MakeTransport,
+                                                    version: str) -> None:
+    topics = _topics()
+    pub = make_transport(mosquitto.url, version=version)
+    pub.publish(topics.model, b"v7", retain=True).wait_for_publish(WAIT)
+    sub = make_transport(mosquitto.url, version=version)
+    sub.subscribe(topics.model)
+    msg = _expect(sub, topics.model)
+    assert msg.payload == b"v7" and msg.retained
+    pub.publish(topics.model, b"", retain=True).wait_for_publish(WAIT)  # clear it
+
+
+def test_three_mib_blob_in_one_mib_chunks(mosquitto: Broker, make_transport: MakeTransport) -> None:
+    topics = _topics()
+    data = random.Random(3).randbytes(3 * 1024 * 1024 + 123)
+    manifest = make_manifest(data, "application/onnx", chunk_size=1024 * 1024)
+    assert manifest.count == 4
+    sub = make_transport(mosquitto.url)
+    pub = make_transport(mosquitto.url)
+    _subscribed(pub, sub, topics.broadcast_chunks, topics.broadcast_chunk("probe", 0))
+    for index, payload in iter_chunks(data, manifest):
+        pub.publish(topics.broadcast_chunk(manifest.blob_id, index), payload)
+    inbox = BlobInbox(max_blob_bytes=16 * 1024 * 1024)
+    assert inbox.expect(manifest) is None
+    done = None
+    for _ in range(manifest.count):
+        done = inbox.offer(_expect(sub).payload) or done
+    assert done == manifest.blob_id
+    assert inbox.take(done) == data
+    assert sub.rejected_oversized == 0
+    assert sub.bytes_received >= len(data)
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_persistent_session_receives_what_was_sent_while_away(mosquitto: Broker, make_transport: MakeTransport,
+                                                              version: str) -> None:
+    topics = _topics()
+    topic = topics.to_site("site-a", "ack")
+    client_id = f"site-a-{uuid.uuid4().hex[:8]}"
+    pub = make_transport(mosquitto.url, version=version)
+    first = make_transport(mosquitto.url, version=version, client_id=client_id)
+    _subscribed(pub, first, topics.to_site_all("site-a"), topics.to_site("site-a", "probe"))
+    first.stop()
+    assert not first.connected.is_set()
+    for i in range(3):
+        pub.publish(topic, f"while away {i}".encode()).wait_for_publish(WAIT)
+    again = make_transport(mosquitto.url, version=version, client_id=client_id)
+    got = [_expect(again, topic).payload for _ in range(3)]
+    assert got == [b"while away 0", b"while away 1", b"while away 2"]
+
+
+def test_non_persistent_session_forgets(mosquitto: Broker, make_transport: MakeTransport) -> None:
+    """The counterpart: without a persistent session nothing is kept, so the test above is meaningful."""
+    topics = _topics()
+    topic = topics.to_site("site-a", "ack")
+    client_id = f"site-a-{uuid.uuid4().hex[:8]}"
+    pub = make_transport(mosquitto.url)
+    first = make_transport(mosquitto.url, client_id=client_id, persistent_session=False)
+    _subscribed(pub, first, topic, topic)
+    first.stop()
+    pub.publish(topic, b"lost").wait_for_publish(WAIT)
+    again = make_transport(mosquitto.url, client_id=client_id, persistent_session=False)
+    assert again.get(timeout=1.0) is None
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_last_will_on_abrupt_loss(mosquitto: Broker, make_transport: MakeTransport, version: str) -> None:
+    topics = _topics()
+    will_topic = topics.site("site-a", "status")
+    observer = make_transport(mosquitto.url, version=version)
+    observer.subscribe(will_topic)
+    agent = make_transport(mosquitto.url, version=version, will=(will_topic, b"offline"))
+    agent.publish(will_topic, b"online", retain=True).wait_for_publish(WAIT)
+    assert _expect(observer, will_topic).payload == b"online"
+    agent.stop(graceful=False)
+    assert _expect(observer, will_topic).payload == b"offline"
+    late = make_transport(mosquitto.url, version=version)
+    late.subscribe(will_topic)
+    msg = _expect(late, will_topic)
+    assert msg.payload == b"offline" and msg.retained
+    observer.publish(will_topic, b"", retain=True).wait_for_publish(WAIT)
+
+
+def test_graceful_stop_does_not_fire_the_will(mosquitto: Broker, make_transport: MakeTransport) -> None:
+    topics = _topics()
+    will_topic = topics.site("site-b", "status")
+    observer = make_transport(mosquitto.url)
+    agent = make_transport(mosquitto.url, will=(will_topic, b"offline"))
+    _subscribed(agent, observer, will_topic, will_topic)
+    agent.stop()
+    assert observer.get(timeout=1.5) is None
+
+
+def test_oversized_message_dropped_and_counted(mosquitto: Broker, make_transport: MakeTransport) -> None:
+    topics = _topics()
+    topic = topics.site("site-a", "update")
+    sub = make_transport(mosquitto.url, max_message_bytes=1000)
+    pub = make_transport(mosquitto.url)
+    _subscribed(pub, sub, topic, topic)
+    pub.publish(topic, b"x" * 1001)
+    pub.publish(topic, b"small")
+    msg = _expect(sub, topic)
+    assert msg.payload == b"small"
+    assert sub.rejected_oversized == 1
+    assert sub.bytes_received >= 1001 + 5
+
+
+def test_resubscribes_after_broker_restart(fresh_mosquitto: Broker, make_transport: MakeTransport) -> None:
+    topics = _topics()
+    topic = topics.round
+    port = fresh_mosquitto.port
+    sub = make_transport(fresh_mosquitto.url)
+    pub = make_transport(fresh_mosquitto.url)
+    _subscribed(pub, sub, topic, topic)
+    fresh_mosquitto.stop()
+    assert _wait_disconnected(sub, WAIT), "the subscriber did not notice the broker going away"
+    restarted = start_mosquitto(port=port)
+    try:
+        assert sub.connected.wait(40), "the subscriber did not reconnect within 40 s"
+        assert pub.connected.wait(40), "the publisher did not reconnect within 40 s"
+        # the restarted broker has no memory of the session: only a resubscription routes this
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pub.publish(topic, b"after restart")
+            msg = sub.get(timeout=0.5)
+            if msg is not None:
+                assert (msg.topic, msg.payload) == (topic, b"after restart")
+                break
+        else:
+            pytest.fail("no message after the broker restart: the transport did not resubscribe")
+    finally:
+        sub.stop()
+        pub.stop()
+        restarted.stop()
+
+
+def _wait_disconnected(t: Transport, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while t.connected.is_set():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_unreachable_broker_is_a_clear_error() -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    transport = Transport(_settings(url), "lonely")
+    with pytest.raises(TransportError) as info:
+        transport.start(timeout=5)
+    message = str(info.value)
+    assert url in message and "cannot reach the MQTT broker" in message and "FEDMQ_BROKER_URL" in message
+
+
+def test_broker_address_parse() -> None:
+    assert BrokerAddress.parse("mqtt://broker.example:1884") == BrokerAddress("broker.example", 1884, False)
+    assert BrokerAddress.parse("mqtt://10.0.0.1") == BrokerAddress("10.0.0.1", 1883, False)
+    assert BrokerAddress.parse("mqtts://broker.example") == BrokerAddress("broker.example", 8883, True)
+    assert BrokerAddress.parse("mqtts://h:9999") == BrokerAddress("h", 9999, True)
+    for bad in ("http://broker:1883", "broker:1883", "mqtt://", ""):
+        with pytest.raises(ValueError, match="is not of the form mqtt://HOST:PORT"):
+            BrokerAddress.parse(bad)
+
+
+def test_bad_broker_url_in_settings_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="'http://x:1883' is not of the form"):
+        Transport(_settings("http://x:1883"), "c1")
+
+
+def test_tcp_nodelay_is_set(mosquitto: Broker, make_transport: MakeTransport) -> None:
+    t = make_transport(mosquitto.url)
+    sock = t._client.socket()
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
