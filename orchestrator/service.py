@@ -78,9 +78,9 @@ class OrchestratorService:
                       f"{self.topics.base}/site/+/request", f"{self.topics.base}/site/+/blob/+/+"):
             t.subscribe(topic)
         self.status("starting")
-        time.sleep(0.5)  # let retained site statuses arrive before the first selection
-        self._drain(0.0)
+        # Reopen the round first: updates queued for us while we were down must find it open.
         self.engine.start(self._initial_model)
+        time.sleep(0.5)  # let retained site statuses arrive before the first selection
         try:
             while not stop.is_set():
                 self._drain(0.2)
