@@ -14,15 +14,22 @@ import logging
 import threading
 import time
 import zlib
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
 
 from edge_agent.data import DataError, LocalDataset, load_dataset
 from edge_agent.state import AgentState
-from edge_agent.trainer import TrainingError, evaluate, train
+from edge_agent.trainer import TrainingError, evaluate, finetune, train
 from shared.blobs import BlobInbox, BlobOutbox, ChunkError, iter_chunks, make_manifest
-from shared.codec import CompressionSettings, encode_tensors
+from shared.blobstore import BlobStoreError
+from shared.codec import CodecError, apply_model_delta, encode_tensors
+from shared.compression import ErrorFeedback
 from shared.config import AgentSettings
-from shared.onnx_model import load_model_bytes
+from shared.onnx_executor import OnnxExecutorError
+from shared.onnx_model import (float_initializers, load_model_bytes, model_to_bytes, replace_initializers, sha256_hex,
+                               unpack_model)
 from shared.protocol import (ChunkRequest, ProtocolError, RoundCommand, SiteState, SiteStatus, TaskSpec, UpdateAck,
                              UpdateReport, parse_message)
 from shared.topics import Topics
@@ -57,6 +64,11 @@ class EdgeAgent:
                                    max_message_bytes=settings.chunk_size + 65536)
         self.inbox = BlobInbox(max_blob_bytes=settings.max_blob_bytes)
         self.outbox = BlobOutbox()
+        self.feedback = ErrorFeedback(Path(settings.state_dir) / "residual.npz")
+        held = self.feedback.pending
+        pending = self.state.record.pending
+        if held is not None and (pending is None or pending.report.round_id != held[0]):
+            self.feedback.discard(held[0])  # encoded, then crashed before the update was saved: never sent
         self.current_state: SiteState = "online"
         self._ack_due: float | None = None
         self._last_heartbeat = 0.0
@@ -146,10 +158,21 @@ class EdgeAgent:
         if self.command is not None and self.command.round_id == cmd.round_id:
             return
         self.command = cmd
-        if cmd.model.blob_id in self.state.blobs:
+        if cmd.model_sha256 in self.state.blobs:
             self._run_round()
             return
         self.set_status("downloading", f"model v{cmd.model_version}")
+        delta = cmd.model_delta
+        if delta is not None and delta.base_sha256 in self.state.blobs:
+            self._blob_complete(self.inbox.expect(delta.blob))
+        else:
+            self._fetch_full_model(cmd)
+
+    def _fetch_full_model(self, cmd: RoundCommand) -> None:
+        """Without a usable base, ask for the whole (packed) model; it is broadcast only when there is no delta."""
+        if cmd.model_delta is not None:
+            req = ChunkRequest(federation=self.settings.federation, sender=self.site, blob_id=cmd.model.blob_id)
+            self.transport.publish(self.topics.site(self.site, "request"), req.to_bytes())
         self._blob_complete(self.inbox.expect(cmd.model))
 
     def _on_chunk(self, payload: bytes) -> None:
@@ -159,9 +182,36 @@ class EdgeAgent:
         if blob_id is None:
             return
         data = self.inbox.take(blob_id)
-        self.state.blobs.put(data)
-        if self.command is not None and self.command.model.blob_id == blob_id:
-            self._run_round()
+        cmd = self.command
+        if cmd is None:
+            return
+        try:
+            model = self._materialize(cmd, blob_id, data)
+        except (CodecError, OnnxExecutorError, BlobStoreError) as e:
+            log.warning("could not rebuild model v%d from what arrived (%s); fetching the whole model",
+                        cmd.model_version, e)
+            self._fetch_full_model(cmd)
+            return
+        if model is None:
+            return
+        if sha256_hex(model) != cmd.model_sha256:
+            log.error("model v%d rebuilt with the wrong sha256; fetching the whole model", cmd.model_version)
+            self._fetch_full_model(cmd)
+            return
+        self.state.blobs.put(model)
+        self._run_round()
+
+    def _materialize(self, cmd: RoundCommand, blob_id: str, data: bytes) -> bytes | None:
+        """The ONNX file of the announced version, from the packed model or from our base plus the delta."""
+        if blob_id == cmd.model.blob_id:
+            return unpack_model(data, max_bytes=self.settings.max_blob_bytes)
+        delta = cmd.model_delta
+        if delta is None or blob_id != delta.blob.blob_id:
+            return None
+        base = load_model_bytes(self.state.blobs.get(delta.base_sha256), max_bytes=self.settings.max_blob_bytes)
+        weights = float_initializers(base)
+        limit = 4 * sum(w.size for w in weights.values())
+        return model_to_bytes(replace_initializers(base, apply_model_delta(weights, data, max_decoded_bytes=limit)))
 
     def _on_ack(self, ack: UpdateAck) -> None:
         pending = self.state.record.pending
@@ -169,6 +219,10 @@ class EdgeAgent:
             return
         self._ack_due = None
         self.state.complete(ack.round_id)
+        held = self.feedback.pending
+        if held is not None and held[0] == ack.round_id:
+            # A refused update was never applied: its residual must not move on either.
+            (self.feedback.commit if ack.accepted else self.feedback.discard)(ack.round_id)
         if ack.accepted:
             self.set_status("idle", f"update for {ack.round_id} accepted")
         else:
@@ -196,26 +250,46 @@ class EdgeAgent:
                                              self.settings.label_column))
         return self._data[1]
 
+    def _personalize(self, model_bytes: bytes, cmd: RoundCommand) -> bytes:
+        """The global model with this site's own values of the tensors it keeps local (FedBN)."""
+        own = {k: v for k, v in self.state.local_parameters().items() if k in cmd.training.local_parameters}
+        if not own:
+            return model_bytes
+        model = load_model_bytes(model_bytes, max_bytes=self.settings.max_blob_bytes)
+        return model_to_bytes(replace_initializers(model, own))
+
     def _run_round(self) -> None:
         cmd = self.command
         assert cmd is not None
-        model_bytes = self.state.blobs.get(cmd.model.blob_id)
-        self.state.set_model(cmd.model_version, cmd.model.blob_id)
+        global_bytes = self.state.blobs.get(cmd.model_sha256)
+        self.state.set_model(cmd.model_version, cmd.model_sha256)
+        cfg = cmd.training
+        seed = round_seed(cfg.seed, self.site, cmd.round)
         try:
             data = self._dataset(cmd.task)
-            evaluation = None
+            start_bytes = self._personalize(global_bytes, cmd)
+            evaluation = personalized = None
             if data.x_test is not None:
                 self.set_status("evaluating", f"model v{cmd.model_version}")
-                evaluation = evaluate(model_bytes, data.x_test, data.y_test, cmd.training.loss)
+                evaluation = evaluate(global_bytes, data.x_test, data.y_test, cfg.loss)
+                if cfg.finetune_steps or start_bytes is not global_bytes:
+                    tuned = finetune(start_bytes, data.x_train, data.y_train, cfg, seed=seed) \
+                        if cfg.finetune_steps else start_bytes
+                    personalized = evaluate(tuned, data.x_test, data.y_test, cfg.loss)
             blob = None
             manifest = None
             metrics: dict[str, float] = {}
             seconds = 0.0
             if cmd.kind == "train":
                 self.set_status("training", f"round {cmd.round}")
-                result = train(load_model_bytes(model_bytes), data.x_train, data.y_train, cmd.training,
-                               seed=round_seed(cmd.training.seed, self.site, cmd.round))
-                blob = encode_tensors(result.delta, CompressionSettings())
+                result = train(load_model_bytes(start_bytes), data.x_train, data.y_train, cfg, seed=seed)
+                delta = result.delta
+                if cfg.local_parameters:
+                    local = set(cfg.local_parameters)
+                    self.state.save_local_parameters({k: result.weights[k] for k in local})
+                    # Never averaged, so never sent: zeros cost nothing once sparsified or compressed.
+                    delta = {k: np.zeros_like(v) if k in local else v for k, v in delta.items()}
+                blob = self._encode_update(delta, cmd)
                 manifest = make_manifest(blob, UPDATE_MEDIA_TYPE, self.settings.chunk_size)
                 metrics, seconds = result.metrics, result.seconds
         except (DataError, TrainingError) as e:
@@ -225,9 +299,18 @@ class EdgeAgent:
             return
         report = UpdateReport(federation=self.settings.federation, sender=self.site, round_id=cmd.round_id,
                               round=cmd.round, base_version=cmd.model_version, num_samples=data.num_train,
-                              update=manifest, train_metrics=metrics, evaluation=evaluation, train_seconds=seconds)
+                              update=manifest, train_metrics=metrics, evaluation=evaluation,
+                              personalized=personalized, train_seconds=seconds)
         self.state.set_pending(report, blob)
         self._publish_pending()
+
+    def _encode_update(self, delta: dict, cmd: RoundCommand) -> bytes:
+        """Compress as the round asks; with error feedback, what is not sent now is carried to later rounds."""
+        settings = cmd.training.compression
+        rng = np.random.default_rng(round_seed(cmd.training.seed, self.site, cmd.round))
+        if settings.mode == "sparse" and settings.error_feedback:
+            return self.feedback.encode(delta, settings, update_id=cmd.round_id, rng=rng)
+        return encode_tensors(delta, settings, rng=rng)
 
     def _publish_pending(self) -> None:
         pending = self.state.record.pending

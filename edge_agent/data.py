@@ -80,4 +80,10 @@ def load_dataset(train: Path, test: Path | None, task: TaskSpec, label_column: s
         x_train = (x_train - mean) / std
         if x_test is not None:
             x_test = (x_test - mean) / std
+    if task.input_shape:
+        shape = tuple(task.input_shape)
+        if int(np.prod(shape)) != len(task.features):
+            raise DataError(f"the task's input shape {list(shape)} does not hold its {len(task.features)} features")
+        x_train = x_train.reshape(-1, *shape)
+        x_test = x_test.reshape(-1, *shape) if x_test is not None else None
     return LocalDataset(x_train, y_train, x_test, y_test)

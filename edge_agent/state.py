@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from shared.blobstore import BlobStore
@@ -71,6 +72,20 @@ class AgentState:
 
     def is_complete(self, round_id: str) -> bool:
         return round_id in self.record.completed_rounds
+
+    def save_local_parameters(self, arrays: dict[str, np.ndarray]) -> None:
+        """This site's own values of the tensors it never shares (FedBN), kept across rounds and restarts."""
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".local-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, self.root / "local_parameters.npz")
+
+    def local_parameters(self) -> dict[str, np.ndarray]:
+        path = self.root / "local_parameters.npz"
+        if not path.exists():
+            return {}
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
 
     def health_file(self) -> Path:
         return self.root / "health.json"

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 
 from shared.onnx_executor import OnnxModule
+from shared.onnx_model import load_model_bytes, model_to_bytes, replace_initializers
 from shared.protocol import EvalMetrics, TrainingConfig
 
 
@@ -95,6 +96,13 @@ def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingCon
     metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": float(np.mean(losses)),
                "steps": float(len(losses))}
     return TrainResult(weights, delta, len(yt), metrics, time.perf_counter() - started)
+
+
+def finetune(model_bytes: bytes, x: np.ndarray, y: np.ndarray, cfg: TrainingConfig, *, seed: int) -> bytes:
+    """The model adapted locally for ``cfg.finetune_steps`` steps: this site's personalized variant."""
+    model = load_model_bytes(model_bytes)
+    tuning = cfg.model_copy(update={"local_steps": cfg.finetune_steps, "local_epochs": None, "proximal_mu": 0.0})
+    return model_to_bytes(replace_initializers(model, train(model, x, y, tuning, seed=seed).weights))
 
 
 def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray, loss: str) -> EvalMetrics:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from edge_agent.deploy import app as agent_deploy_app
 from fedmq.pki_cli import app as pki_app
 
 app = typer.Typer(help="Federated learning for hospitals over MQTT.", no_args_is_help=True,
@@ -26,6 +27,7 @@ agent_app = typer.Typer(help="Run the edge agent at a hospital.", no_args_is_hel
 models_app = typer.Typer(help="Read the model registry and create initial models.", no_args_is_help=True)
 app.add_typer(orchestrator_app, name="orchestrator")
 app.add_typer(agent_app, name="agent")
+agent_app.add_typer(agent_deploy_app)  # fedmq agent deploy | status | remove
 app.add_typer(models_app, name="models")
 app.add_typer(pki_app, name="pki")
 
@@ -127,14 +129,14 @@ def agent_health(state_dir: Optional[Path] = StateOption,
     path = (state_dir or CommonSettings().state_dir) / "health.json"
     try:
         beat = json.loads(path.read_text())
-    except (OSError, ValueError):
-        _fail(f"no heartbeat at {path}: is the agent running with this state directory?")
-    age = time.time() - beat["time"]
+        age = time.time() - float(beat["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        _fail(f"no readable heartbeat at {path}: is the agent running with this state directory?")
     if age > max_age:
         _fail(f"heartbeat is {age:.0f}s old: the agent is stuck or stopped; see its log")
-    if not beat["connected"]:
+    if not beat.get("connected"):
         _fail("the agent is not connected to the broker; check FEDMQ_BROKER_URL, TLS files and the network")
-    typer.echo(f"ok: {beat['state']}, model v{beat['model_version']}")
+    typer.echo(f"ok: {beat.get('state')}, model v{beat.get('model_version')}")
 
 
 @models_app.command("init")

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.pki import FederationPki, PkiError
+from shared.pki import BROKER, ORCHESTRATOR, FederationPki, PkiError
 
 app = typer.Typer(help="Federation PKI: CA, broker, orchestrator, operator and per-site certificates.",
                   no_args_is_help=True)
@@ -24,6 +24,10 @@ err_console = Console(stderr=True)
 
 T = TypeVar("T")
 DirArg = Annotated[Path, typer.Argument(help="PKI directory (see `fedmq pki init --help`).")]
+ContainerOwnersOption = Annotated[bool, typer.Option(
+    "--container-owners", help="Give the keys to the users the fedmq images run as (broker.key: uid 1883, "
+                               "orchestrator and site keys: uid 10001), so the containers can read them. "
+                               "Needs root.")]
 
 
 def _run(action: Callable[[], T]) -> T:
@@ -35,6 +39,11 @@ def _run(action: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _give_keys(pki: FederationPki, names: list[str]) -> None:
+    for path, uid in _run(lambda: pki.give_keys_to_containers(names)).items():
+        console.print(f"{path} now belongs to uid {uid} (the container user that reads it)")
+
+
 @app.command()
 def init(
     directory: DirArg,
@@ -43,10 +52,13 @@ def init(
         "--broker-host", help="DNS name or IP the agents use to reach the broker (repeatable); "
                               "localhost and 127.0.0.1 are always added.")] = None,
     force: Annotated[bool, typer.Option(help="Reissue the broker certificate if the hosts changed.")] = False,
+    container_owners: ContainerOwnersOption = False,
 ) -> None:
     """Create the CA, CRL, broker, orchestrator and operator certificates (re-running is safe)."""
     pki = _run(lambda: FederationPki.init(directory, federation, broker_host or (), force=force))
     console.print(f"PKI of federation [bold]{pki.federation}[/bold] ready in {directory}")
+    if container_owners:
+        _give_keys(pki, [BROKER, ORCHESTRATOR])
     console.print(f"next: `fedmq pki issue-site {directory} SITE_ID` for each hospital")
 
 
@@ -55,10 +67,14 @@ def issue_site(
     directory: DirArg,
     site_id: Annotated[str, typer.Argument(help="Site id: the certificate CN and the site's topic level.")],
     force: Annotated[bool, typer.Option(help="Replace an existing certificate (the old one is revoked).")] = False,
+    container_owners: ContainerOwnersOption = False,
 ) -> None:
     """Issue one hospital's client certificate."""
-    issued = _run(lambda: FederationPki(directory).issue_site(site_id, force=force))
+    pki = _run(lambda: FederationPki(directory))
+    issued = _run(lambda: pki.issue_site(site_id, force=force))
     console.print(f"issued {issued.name}: {issued.cert_path} and {issued.key_path}")
+    if container_owners:
+        _give_keys(pki, [issued.name])
     console.print(f"hand the site ca.crt, {issued.cert_path.name} and {issued.key_path.name} over a secure "
                   f"channel; nothing else in {directory}")
 

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     version INTEGER NOT NULL,
     site TEXT NOT NULL,
     metrics TEXT NOT NULL,
+    personalized TEXT,
     PRIMARY KEY (version, site)
 );
 """
@@ -119,9 +120,17 @@ class ModelRegistry:
         return ModelVersion(version, sha, parent, round, created, len(model), contributors, strategy, training,
                             strategy_state, note)
 
-    def record_evaluation(self, version: int, site: str, metrics: EvalMetrics) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO evaluations (version, site, metrics) VALUES (?,?,?)",
-                          (version, site, metrics.model_dump_json()))
+    def record_evaluation(self, version: int, site: str, metrics: EvalMetrics,
+                          personalized: EvalMetrics | None = None) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO evaluations (version, site, metrics, personalized) VALUES (?,?,?,?)",
+                          (version, site, metrics.model_dump_json(),
+                           personalized.model_dump_json() if personalized else None))
+
+    def personalized(self, version: int) -> dict[str, EvalMetrics]:
+        """Each site's score for its own variant of this version (FedBN layers, fine-tuning)."""
+        rows = self.conn.execute("SELECT site, personalized FROM evaluations WHERE version=? AND personalized "
+                                 "IS NOT NULL ORDER BY site", (version,))
+        return {site: EvalMetrics.model_validate_json(m) for site, m in rows}
 
     def _evaluations(self, version: int) -> dict[str, EvalMetrics]:
         rows = self.conn.execute("SELECT site, metrics FROM evaluations WHERE version=? ORDER BY site", (version,))

@@ -27,10 +27,12 @@ from orchestrator.registry import ModelRegistry, ModelVersion, pool_metrics
 from orchestrator.sampling import NotEnoughSites, select_sites
 from orchestrator.strategies import Strategy
 from shared.blobs import make_manifest
-from shared.codec import CodecError, decode_tensors
-from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, replace_initializers
+from shared.codec import CodecError, decode_tensors, encode_model_delta
+from shared.onnx_executor import OnnxModule
+from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, pack_model, replace_initializers
 from shared.config import OrchestratorSettings
-from shared.protocol import EvalMetrics, RoundCommand, TaskSpec, TrainingConfig, UpdateReport
+from shared.protocol import (BlobManifest, EvalMetrics, ModelDelta, RoundCommand, TaskSpec, TrainingConfig,
+                             UpdateReport)
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,11 @@ log = logging.getLogger(__name__)
 class RoundPublisher(Protocol):
     """What the engine asks of the network side (the service implements it over MQTT)."""
 
-    def announce(self, command: RoundCommand, model: bytes) -> None: ...
+    def announce(self, command: RoundCommand, blobs: dict[str, bytes]) -> None: ...
     def model_published(self, version: ModelVersion) -> None: ...
     def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
-                      site_metrics: dict[str, EvalMetrics], seconds: dict[str, float]) -> None: ...
+                      site_metrics: dict[str, EvalMetrics], personalized: dict[str, EvalMetrics],
+                      seconds: dict[str, float]) -> None: ...
     def status(self, state: str, detail: str = "") -> None: ...
 
 
@@ -114,25 +117,43 @@ class RoundEngine:
     # helpers --------------------------------------------------------------------------------
     def _task(self) -> TaskSpec:
         return TaskSpec(features=self.settings.task_features, label=self.settings.task_label,
-                        standardize=self.settings.standardize)
+                        standardize=self.settings.standardize, input_shape=self.settings.task_input_shape)
 
-    def _training(self) -> TrainingConfig:
-        overrides = self.strategy.training_overrides()
+    def _training(self, model: bytes) -> TrainingConfig:
+        """The configured training settings plus what the strategy and personalization add."""
+        overrides = dict(self.strategy.training_overrides())
+        if self.settings.fedbn:
+            overrides["local_parameters"] = sorted(OnnxModule(load_model_bytes(model)).batchnorm_names())
         return self.settings.training.model_copy(update=overrides) if overrides else self.settings.training
 
+    def _downlink(self, version: ModelVersion, model: bytes) -> tuple[BlobManifest, ModelDelta | None, dict[str, bytes]]:
+        """The packed full model, and the exact delta from its parent (what most sites hold)."""
+        packed = pack_model(model)
+        full = make_manifest(packed, "application/onnx+zstd", self.settings.chunk_size)
+        blobs = {full.blob_id: packed}
+        if version.parent is None:
+            return full, None, blobs
+        parent = self.registry.get(version.parent)
+        base = float_initializers(load_model_bytes(self.registry.blobs.get(parent.sha256)))
+        data = encode_model_delta(base, float_initializers(load_model_bytes(model)))
+        manifest = make_manifest(data, "application/x-fedmq-model-delta", self.settings.chunk_size)
+        blobs[manifest.blob_id] = data
+        return full, ModelDelta(base_version=parent.version, base_sha256=parent.sha256, blob=manifest), blobs
+
     def _open(self, record: RoundRecord) -> None:
-        model = self.registry.model_bytes(record.base_version)
         version = self.registry.get(record.base_version)
+        model = self.registry.blobs.get(version.sha256)
         shapes = {k: v.shape for k, v in float_initializers(load_model_bytes(model)).items()}
+        full, delta, blobs = self._downlink(version, model)
         command = RoundCommand(
             federation=self.settings.federation, sender="orchestrator", round=record.round, attempt=record.attempt,
-            round_id=record.round_id, kind=record.kind, model_version=version.version,
-            model=make_manifest(model, "application/onnx", self.settings.chunk_size), selected=record.selected,
+            round_id=record.round_id, kind=record.kind, model_version=version.version, model_sha256=version.sha256,
+            model=full, model_delta=delta, selected=record.selected,
             training=TrainingConfig.model_validate(record.training), task=self._task(), deadline=record.deadline)
         self.current = _Open(record, command, shapes,
                              reported={u.site for u in self.journal.updates(record.round_id)})
         self.state = "collecting" if record.kind == "train" else "evaluating"
-        self.publisher.announce(command, model)
+        self.publisher.announce(command, blobs)
         self.publisher.status(self.state)
 
     def _next_round(self) -> int:
@@ -203,7 +224,8 @@ class RoundEngine:
         tag = "eval" if kind == "evaluate" else "r"
         record = self.journal.begin(
             round_id=f"{self.settings.federation}-{tag}{round_no}-a{attempt}", round=round_no, attempt=attempt,
-            kind=kind, base_version=latest.version, selected=selected, training=self._training().model_dump(),
+            kind=kind, base_version=latest.version, selected=selected,
+            training=self._training(self.registry.blobs.get(latest.sha256)).model_dump(mode="json"),
             deadline=self.clock() + self.settings.round_timeout)
         log.info("round %d attempt %d (%s): model v%d to %s", round_no, attempt, kind, latest.version, selected)
         self._open(record)
@@ -247,6 +269,7 @@ class RoundEngine:
         rec = self.current.record
         updates = self.journal.updates(rec.round_id)
         site_metrics = {u.site: u.report.evaluation for u in updates if u.report.evaluation is not None}
+        personalized = {u.site: u.report.personalized for u in updates if u.report.personalized is not None}
         started = time.perf_counter()
         new_version: ModelVersion | None = None
         if rec.kind == "train":
@@ -257,7 +280,7 @@ class RoundEngine:
                 self.journal.close(rec.round_id, None)
         with self.registry.conn:
             for site, m in site_metrics.items():
-                self.registry.record_evaluation(rec.base_version, site, m)
+                self.registry.record_evaluation(rec.base_version, site, m, personalized.get(site))
         seconds = {"aggregate": time.perf_counter() - started,
                    "train_max": max((u.report.train_seconds for u in updates), default=0.0),
                    "wall": self.clock() - rec.announced_at}
@@ -270,7 +293,7 @@ class RoundEngine:
         if new_version is not None:
             self.publisher.model_published(new_version)
         self.publisher.round_summary(rec, rec.base_version, new_version.version if new_version else None,
-                                     site_metrics, seconds)
+                                     site_metrics, personalized, seconds)
 
     def _aggregate(self, rec: RoundRecord, updates: list) -> ModelVersion:
         base_model = load_model_bytes(self.registry.model_bytes(rec.base_version))

@@ -67,6 +67,9 @@ class OrchestratorService:
             return load_user_model(s.initial_model)
         if not s.task_features:
             raise ValueError("set task_features (FEDMQ_TASK_FEATURES) or initial_model so the first model can be built")
+        if s.task_input_shape:
+            return build_onnx(s.architecture, input_shape=tuple(s.task_input_shape), num_outputs=s.num_outputs,
+                              hidden=tuple(s.hidden))
         return build_onnx(s.architecture, num_features=len(s.task_features), num_outputs=s.num_outputs,
                           hidden=tuple(s.hidden))
 
@@ -198,11 +201,15 @@ class OrchestratorService:
                         blob_id=report.update.blob_id if report.update else None, accepted=accepted, reason=reason)
         self.transport.publish(self.topics.to_site(site, "ack"), ack.to_bytes())
 
-    def announce(self, command: RoundCommand, model: bytes) -> None:
+    def announce(self, command: RoundCommand, blobs: dict[str, bytes]) -> None:
+        """Broadcast the delta when there is one (sites without its base ask for the full model)."""
         self._traffic_mark = (self.transport.bytes_sent, self.transport.bytes_received)
-        self.outbox.add(command.model, model)
-        for index, chunk in iter_chunks(model, command.model):
-            self.transport.publish(self.topics.broadcast_chunk(command.model.blob_id, index), chunk)
+        manifests = [command.model] + ([command.model_delta.blob] if command.model_delta else [])
+        for manifest in manifests:
+            self.outbox.add(manifest, blobs[manifest.blob_id])
+        broadcast = manifests[-1]
+        for index, chunk in iter_chunks(blobs[broadcast.blob_id], broadcast):
+            self.transport.publish(self.topics.broadcast_chunk(broadcast.blob_id, index), chunk)
         self.transport.publish(self.topics.round, command.to_bytes(), retain=True)
 
     def model_published(self, version: ModelVersion) -> None:
@@ -212,11 +219,13 @@ class OrchestratorService:
         self.transport.publish(self.topics.model, msg.to_bytes(), retain=True)
 
     def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
-                      site_metrics: dict[str, EvalMetrics], seconds: dict[str, float]) -> None:
+                      site_metrics: dict[str, EvalMetrics], personalized: dict[str, EvalMetrics],
+                      seconds: dict[str, float]) -> None:
         sent, received = self.transport.bytes_sent, self.transport.bytes_received
         msg = RoundSummary(federation=self.settings.federation, sender=SENDER, round=record.round,
                            evaluated_version=evaluated_version, new_version=new_version, site_metrics=site_metrics,
-                           pooled=pool_metrics(site_metrics), bytes_down=sent - self._traffic_mark[0],
+                           pooled=pool_metrics(site_metrics), personalized_metrics=personalized,
+                           personalized_pooled=pool_metrics(personalized), bytes_down=sent - self._traffic_mark[0],
                            bytes_up=received - self._traffic_mark[1], seconds=seconds)
         self.transport.publish(self.topics.round_summary, msg.to_bytes(), retain=True)
 

@@ -92,7 +92,8 @@ class CompressionSettings(BaseModel):
     the zstd stage.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+    # Not strict: settings also arrive as environment strings ("0.01"), which must validate.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     mode: Literal["dense", "sparse"] = "dense"
     dense_dtype: Literal["float32", "float16"] = "float32"

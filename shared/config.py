@@ -26,8 +26,7 @@ _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("fedm
 class CommonSettings(BaseSettings):
     """What both sides need: where the broker is, how to authenticate, which federation."""
 
-    model_config = SettingsConfigDict(env_prefix="FEDMQ_", env_nested_delimiter="__", extra="forbid",
-                                      nested_model_default_partial_update=True)
+    model_config = SettingsConfigDict(env_prefix="FEDMQ_", env_nested_delimiter="__", extra="forbid")
 
     federation: str = "demo"
     broker_url: str = "mqtt://127.0.0.1:1883"
@@ -81,9 +80,11 @@ class OrchestratorSettings(CommonSettings):
     hidden: list[int] = Field(default_factory=lambda: [64])
     task_features: list[str] = Field(default_factory=list)
     task_label: str = "label"
+    task_input_shape: list[int] | None = None
     standardize: bool = True
-    training: TrainingConfig = TrainingConfig(local_steps=100, batch_size=4, learning_rate=0.05)
+    training: TrainingConfig = TrainingConfig()
     strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
+    fedbn: bool = Field(default=False, description="keep normalization layers local to each site (FedBN)")
     final_evaluation: bool = True
     exit_when_done: bool = False
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import zstandard
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
@@ -130,3 +131,20 @@ def describe(model: onnx.ModelProto) -> dict[str, Any]:
         "parameters": sum(int(np.prod(t.dims)) for t in trainable),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
     }
+
+
+def pack_model(model_bytes: bytes, level: int = 3) -> bytes:
+    """The full model as it travels to a site without a usable base: zstd-compressed ONNX."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(model_bytes)
+
+
+def unpack_model(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Inverse of ``pack_model``, refusing frames that would inflate past ``max_bytes``."""
+    try:
+        params = zstandard.get_frame_parameters(data)
+        if params.content_size > max_bytes:
+            raise InvalidModelError(f"packed model declares {params.content_size} bytes, above the {max_bytes}-byte "
+                                    "limit; raise max_blob_bytes if this model is expected")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=max_bytes)
+    except zstandard.ZstdError as e:
+        raise InvalidModelError(f"packed model is not a valid zstd frame: {e}") from None

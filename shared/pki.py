@@ -54,6 +54,10 @@ _DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DNS_NAME_PATTERN = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*")
 # The broker must also be reachable from its own host (health checks, tests).
 LOCAL_BROKER_HOSTS = ("localhost", "127.0.0.1")
+# The users the images run as (containers/*.Containerfile). A 0600 key mounted into a
+# container is readable there only when it belongs to that user.
+BROKER_CONTAINER_UID = 1883
+FEDMQ_CONTAINER_UID = 10001
 
 
 class PkiError(ValueError):
@@ -294,6 +298,30 @@ class FederationPki:
                            f"revoked on {when:%Y-%m-%d %H:%M} UTC; nothing to do")
         self._revoke_serials([cert.serial_number])
         return cert
+
+    # -- containers --------------------------------------------------------------------------
+
+    def give_keys_to_containers(self, names: Iterable[str] | None = None) -> dict[Path, int]:
+        """Hand keys to the users the images run as: broker.key to 1883, the others to 10001.
+
+        Why: the containers run unprivileged and the keys stay 0600, so a key written by
+        root (or by the operator's own user) cannot be read in a container until it belongs
+        to the container's user. ``names`` defaults to the broker, the orchestrator and every
+        site; the operator's key and ca.key never go into a container and are left alone.
+        Returns each key with its new owner.
+        """
+        targets = list(names) if names is not None else [BROKER, ORCHESTRATOR, *self.site_ids()]
+        owners = {self.key_path(n): BROKER_CONTAINER_UID if n == BROKER else FEDMQ_CONTAINER_UID
+                  for n in targets}
+        for path, uid in owners.items():
+            try:
+                os.chown(path, uid, uid)
+            except FileNotFoundError:
+                raise PkiError(f"{path} does not exist: issue that identity first") from None
+            except PermissionError:
+                raise PkiError(f"cannot give {path} to uid {uid}: changing owners needs root, so rerun with "
+                               f"sudo; for rootless Podman run the command under `podman unshare`") from None
+        return owners
 
     def revoked(self) -> dict[int, dt.datetime]:
         """Revoked serial numbers and when they were revoked, from the CRL."""

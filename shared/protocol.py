@@ -16,12 +16,14 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from shared.codec import CompressionSettings
 from shared.topics import NAME_PATTERN
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_MESSAGE_BYTES = 1024 * 1024
 # pydantic patterns match anywhere in the string (a search), so they must be anchored.
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+DEFAULT_LOCAL_STEPS = 100
 ID_PATTERN = rf"^{NAME_PATTERN}$"
 
 
@@ -61,12 +63,14 @@ class TaskSpec(_Strict):
     features: list[str] = Field(min_length=1)
     label: str
     standardize: bool = True
+    input_shape: list[int] | None = Field(default=None, description="per-example shape the model takes, e.g. "
+                                          "[1, 8, 8] for images stored as 64 columns")
 
 
 class TrainingConfig(_Strict):
     """Local training settings, chosen by the orchestrator and sent with every round."""
 
-    local_steps: int | None = Field(default=None, gt=0)
+    local_steps: int | None = Field(default=None, gt=0, description="default 100 when no budget is given")
     local_epochs: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=32, gt=0)
     learning_rate: float = Field(default=0.01, gt=0)
@@ -78,12 +82,20 @@ class TrainingConfig(_Strict):
     proximal_mu: float = Field(default=0.0, ge=0)
     local_parameters: list[str] = Field(default_factory=list,
                                         description="initializers each site keeps for itself (FedBN)")
+    compression: CompressionSettings = CompressionSettings()
+    finetune_steps: int = Field(default=0, ge=0, description="local adaptation before the personalized evaluation")
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> "TrainingConfig":
-        if (self.local_steps is None) == (self.local_epochs is None):
-            raise ValueError("set exactly one of local_steps and local_epochs")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _one_budget(cls, data: object) -> object:
+        """Exactly one budget; with neither given, 100 local steps (so partial settings stay valid)."""
+        if isinstance(data, dict):
+            steps, epochs = data.get("local_steps"), data.get("local_epochs")
+            if steps is not None and epochs is not None:
+                raise ValueError("set only one of local_steps and local_epochs")
+            if steps is None and epochs is None:
+                data = {**data, "local_steps": DEFAULT_LOCAL_STEPS}
+        return data
 
 
 class EvalMetrics(_Strict):
@@ -106,8 +118,21 @@ class Message(_Strict):
         return self.model_dump_json().encode()
 
 
+class ModelDelta(_Strict):
+    """The exact changes from a base version: what a site that holds the base downloads."""
+
+    base_version: int = Field(ge=0)
+    base_sha256: str = Field(pattern=SHA256_PATTERN)
+    blob: BlobManifest
+
+
 class RoundCommand(Message):
-    """Announces a round: which model version, who takes part, how to train, until when."""
+    """Announces a round: which model version, who takes part, how to train, until when.
+
+    ``model_sha256`` names the ONNX file itself (as in the registry). ``model`` is the whole
+    file zstd-compressed, sent to sites without a usable base (broadcast when there is no
+    delta, else on request); ``model_delta`` the exact changes from the previous version.
+    """
 
     type: Literal["round"] = "round"
     round: int = Field(ge=1)
@@ -115,7 +140,9 @@ class RoundCommand(Message):
     round_id: str = Field(max_length=100)
     kind: Literal["train", "evaluate"] = "train"
     model_version: int = Field(ge=0)
+    model_sha256: str = Field(pattern=SHA256_PATTERN)
     model: BlobManifest
+    model_delta: ModelDelta | None = None
     selected: list[Annotated[str, Field(pattern=ID_PATTERN)]]
     training: TrainingConfig
     task: TaskSpec
@@ -133,6 +160,8 @@ class UpdateReport(Message):
     update: BlobManifest | None = None
     train_metrics: dict[str, float] = Field(default_factory=dict)
     evaluation: EvalMetrics | None = None
+    personalized: EvalMetrics | None = Field(default=None, description="the site's own variant: its local "
+                                             "parameters (FedBN) and/or local fine-tuning")
     train_seconds: float = 0.0
 
     @field_validator("train_metrics")
@@ -210,6 +239,8 @@ class RoundSummary(Message):
     new_version: int | None
     site_metrics: dict[str, EvalMetrics]
     pooled: EvalMetrics | None
+    personalized_metrics: dict[str, EvalMetrics] = Field(default_factory=dict)
+    personalized_pooled: EvalMetrics | None = None
     bytes_down: int
     bytes_up: int
     seconds: dict[str, float] = Field(default_factory=dict)

@@ -140,7 +140,7 @@ def _heartbeat(root: Path, *, age: float = 0.0, connected: bool = True) -> None:
 def test_agent_health_without_heartbeat(tmp_path: Path) -> None:
     result = _run("agent", "health", "--state-dir", tmp_path / "agent")
     assert result.exit_code != 0
-    assert "no heartbeat at" in result.stderr
+    assert "no readable heartbeat at" in result.stderr
     assert "is the agent running with this state directory?" in result.stderr
 
 

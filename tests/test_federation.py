@@ -63,11 +63,14 @@ def _open_round_updates(db: Path) -> tuple[int, int]:
     """(round number of the open attempt, updates stored for it), read like an operator would."""
     if not db.exists():
         return 0, 0
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT round_id, round FROM rounds WHERE state='open'").fetchone()
-        if row is None:
-            return 0, 0
-        n = conn.execute("SELECT COUNT(*) FROM updates WHERE round_id=?", (row[0],)).fetchone()[0]
+    try:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT round_id, round FROM rounds WHERE state='open'").fetchone()
+            if row is None:
+                return 0, 0
+            n = conn.execute("SELECT COUNT(*) FROM updates WHERE round_id=?", (row[0],)).fetchone()[0]
+    except sqlite3.OperationalError:  # the orchestrator has not created its tables yet
+        return 0, 0
     return row[1], n
 
 

@@ -8,13 +8,16 @@ import pytest
 from pydantic import ValidationError
 
 from shared.blobs import make_manifest
+from shared.codec import CompressionSettings
 from shared.protocol import (
+    DEFAULT_LOCAL_STEPS,
     MAX_CONTROL_MESSAGE_BYTES,
     MESSAGE_TYPES,
     BlobManifest,
     ChunkRequest,
     EvalMetrics,
     Message,
+    ModelDelta,
     ModelPublished,
     OrchestratorStatus,
     ProtocolError,
@@ -36,8 +39,12 @@ def _examples() -> dict[str, Message]:
     metrics = EvalMetrics(num_examples=10, loss=0.5, accuracy=0.7, correct=7)
     return {
         "round": RoundCommand(federation=FED, sender="orchestrator", round=3, attempt=1, round_id="r3a1",
-                              kind="train", model_version=2, model=MANIFEST, selected=["site-a", "site_b"],
-                              training=TrainingConfig(local_epochs=2, optimizer="adam", local_parameters=["bn.w"]),
+                              kind="train", model_version=2, model_sha256="c" * 64, model=MANIFEST,
+                              model_delta=ModelDelta(base_version=1, base_sha256="d" * 64, blob=MANIFEST),
+                              selected=["site-a", "site_b"],
+                              training=TrainingConfig(local_epochs=2, optimizer="adam", local_parameters=["bn.w"],
+                                                      compression=CompressionSettings(dense_dtype="float16",
+                                                                                      zstd_level=5)),
                               task=TaskSpec(features=["age", "sex"], label="label"), deadline=1e9),
         "update": UpdateReport(federation=FED, sender="site-a", round_id="r3a1", round=3, base_version=2,
                                num_samples=120, update=MANIFEST, train_metrics={"loss_last": 0.25},
@@ -183,18 +190,20 @@ def test_bad_chunk_request_blob_id() -> None:
     assert "blob_id" in _parse_error(raw)
 
 
-def test_training_config_needs_exactly_one_budget() -> None:
+def test_training_config_budget_is_steps_or_epochs() -> None:
     assert TrainingConfig(local_steps=5).local_epochs is None
     assert TrainingConfig(local_epochs=1).local_steps is None
-    for kwargs in ({}, {"local_steps": 5, "local_epochs": 1}):
-        with pytest.raises(ValidationError, match="exactly one of local_steps and local_epochs"):
-            TrainingConfig(**kwargs)
+    default = TrainingConfig()
+    assert (default.local_steps, default.local_epochs) == (DEFAULT_LOCAL_STEPS, None)
+    with pytest.raises(ValidationError, match="set only one of local_steps and local_epochs"):
+        TrainingConfig(local_steps=5, local_epochs=1)
 
 
 def test_round_command_with_two_budgets_is_a_protocol_error() -> None:
     raw = json.loads(_examples()["round"].to_bytes())
     raw["training"]["local_steps"] = 10
-    assert "exactly one of local_steps and local_epochs" in _parse_error(raw)
+    message = _parse_error(raw)
+    assert message.startswith("invalid round message") and "set only one of local_steps and local_epochs" in message
 
 
 def test_manifest_chunk_count_consistency() -> None:
