@@ -5,6 +5,11 @@ retained status topic with a last will that marks it offline, and follows the
 orchestrator's retained round command: fetch the model (verified by sha256), score it on
 the local test set, train on local data, send the update, keep it until acknowledged.
 A restarted agent resends an unacknowledged update instead of losing or redoing its work.
+
+Privacy: when the round asks for client-level DP (``dp_clip_norm``), the update is clipped
+(and, with distributed noise, given this site's noise share) before it leaves. The site's own
+sample-level DP-SGD budget comes from its settings alone; the agent charges a round's steps to
+its persisted ledger before training and refuses rounds that would exceed the budget.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 
 from edge_agent.data import DataError, LocalDataset, load_dataset
 from edge_agent.state import AgentState
-from edge_agent.trainer import TrainingError, evaluate, finetune, train
+from edge_agent.trainer import DPSGDConfig, TrainingError, check_private_training, evaluate, finetune, warm_up, \
+    planned_steps, train
 from shared.blobs import BlobInbox, BlobOutbox, ChunkError, iter_chunks, make_manifest
 from shared.blobstore import BlobStoreError
 from shared.codec import CodecError, apply_model_delta, encode_tensors
@@ -30,8 +36,9 @@ from shared.config import AgentSettings
 from shared.onnx_executor import OnnxExecutorError
 from shared.onnx_model import (float_initializers, load_model_bytes, model_to_bytes, replace_initializers, sha256_hex,
                                unpack_model)
-from shared.protocol import (ChunkRequest, ProtocolError, RoundCommand, SiteState, SiteStatus, TaskSpec, UpdateAck,
-                             UpdateReport, parse_message)
+from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
+from shared.protocol import (ChunkRequest, PrivacySpent, ProtocolError, RoundCommand, SiteState, SiteStatus, TaskSpec,
+                             TrainingConfig, UpdateAck, UpdateReport, parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
@@ -76,6 +83,7 @@ class EdgeAgent:
 
     # lifetime -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
+        warm_up()
         t = self.transport
         t.start()
         t.subscribe(self.topics.round)
@@ -115,7 +123,12 @@ class EdgeAgent:
         return SiteStatus(federation=self.settings.federation, sender=self.site, state=state,
                           agent_version=AGENT_VERSION, model_version=self.state.record.model_version,
                           round_id=self.command.round_id if self.command else None,
-                          num_samples=self._data[1].num_train if self._data else None, detail=detail)
+                          num_samples=self._data[1].num_train if self._data else None, detail=detail,
+                          privacy=self._sample_privacy())
+
+    def _sample_privacy(self) -> PrivacySpent | None:
+        """What this site's DP-SGD has spent so far (None when it does not use DP-SGD)."""
+        return self.state.record.dp_sgd_spent if self.settings.dp_sgd else None
 
     def set_status(self, state: SiteState, detail: str = "") -> None:
         self.current_state = state
@@ -267,28 +280,32 @@ class EdgeAgent:
         seed = round_seed(cfg.seed, self.site, cmd.round)
         try:
             data = self._dataset(cmd.task)
+            dp = self._charge_dp_sgd(cmd, data)
             start_bytes = self._personalize(global_bytes, cmd)
             evaluation = personalized = None
             if data.x_test is not None:
                 self.set_status("evaluating", f"model v{cmd.model_version}")
                 evaluation = evaluate(global_bytes, data.x_test, data.y_test, cfg.loss)
                 if cfg.finetune_steps or start_bytes is not global_bytes:
-                    tuned = finetune(start_bytes, data.x_train, data.y_train, cfg, seed=seed) \
+                    tuned = finetune(start_bytes, data.x_train, data.y_train, cfg, seed=seed, dp=dp) \
                         if cfg.finetune_steps else start_bytes
                     personalized = evaluate(tuned, data.x_test, data.y_test, cfg.loss)
             blob = None
             manifest = None
+            unclipped = None
             metrics: dict[str, float] = {}
             seconds = 0.0
             if cmd.kind == "train":
                 self.set_status("training", f"round {cmd.round}")
-                result = train(load_model_bytes(start_bytes), data.x_train, data.y_train, cfg, seed=seed)
+                result = train(load_model_bytes(start_bytes), data.x_train, data.y_train, cfg, seed=seed, dp=dp)
                 delta = result.delta
                 if cfg.local_parameters:
                     local = set(cfg.local_parameters)
                     self.state.save_local_parameters({k: result.weights[k] for k in local})
                     # Never averaged, so never sent: zeros cost nothing once sparsified or compressed.
                     delta = {k: np.zeros_like(v) if k in local else v for k, v in delta.items()}
+                if cfg.dp_clip_norm is not None:
+                    delta, unclipped = _clip_and_noise(delta, cfg)
                 blob = self._encode_update(delta, cmd)
                 manifest = make_manifest(blob, UPDATE_MEDIA_TYPE, self.settings.chunk_size)
                 metrics, seconds = result.metrics, result.seconds
@@ -300,9 +317,48 @@ class EdgeAgent:
         report = UpdateReport(federation=self.settings.federation, sender=self.site, round_id=cmd.round_id,
                               round=cmd.round, base_version=cmd.model_version, num_samples=data.num_train,
                               update=manifest, train_metrics=metrics, evaluation=evaluation,
-                              personalized=personalized, train_seconds=seconds)
+                              personalized=personalized, train_seconds=seconds, dp_unclipped=unclipped,
+                              privacy=self._sample_privacy())
         self.state.set_pending(report, blob)
         self._publish_pending()
+
+    def _charge_dp_sgd(self, cmd: RoundCommand, data: LocalDataset) -> DPSGDConfig | None:
+        """Charge this round's DP-SGD steps to the site's ledger before any of them is taken.
+
+        Raises ``TrainingError`` (the round is refused, nothing is sent) when the settings cannot
+        be followed privately or the steps would take epsilon past ``dp_sgd_max_epsilon``.
+        """
+        s = self.settings
+        if not s.dp_sgd:
+            return None
+        assert s.dp_sgd_noise_multiplier is not None and s.dp_sgd_max_epsilon is not None  # s.dp_sgd
+        private = DPSGDConfig(clip_norm=s.dp_sgd_clip_norm, noise_multiplier=s.dp_sgd_noise_multiplier)
+        cfg = cmd.training
+        tuning = cfg.finetune_steps if data.x_test is not None else 0
+        steps = tuning + (planned_steps(data.num_train, cfg) if cmd.kind == "train" else 0)
+        if steps == 0:  # an evaluation round without fine-tuning touches no training record
+            return private
+        check_private_training(data.num_train, cfg)
+        # Imported here: dp-accounting pulls in SciPy, seconds of start-up only DP-SGD sites need.
+        from shared.privacy.accountant import PrivacyBudget, PrivacyBudgetExceeded, SampleLevelAccountant
+
+        accountant = SampleLevelAccountant(s.dp_sgd_noise_multiplier, cfg.batch_size, data.num_train,
+                                           s.dp_sgd_delta)
+        accountant.restore(self.state.dp_sgd_history())
+        try:
+            epsilon = PrivacyBudget(accountant, s.dp_sgd_max_epsilon).charge(steps)
+        except PrivacyBudgetExceeded as e:
+            raise TrainingError(f"privacy budget spent: round {cmd.round} was refused because {e}; this site "
+                                "sends no update and trains no more unless its operator raises dp_sgd_max_epsilon "
+                                "(a weaker guarantee for its patients)") from None
+        spent = PrivacySpent(level="sample", mechanism="dp_sgd", epsilon=epsilon, delta=s.dp_sgd_delta,
+                             steps=accountant.steps, noise_multiplier=s.dp_sgd_noise_multiplier,
+                             sampling_rate=accountant.sampling_rate, clip_norm=s.dp_sgd_clip_norm,
+                             max_epsilon=s.dp_sgd_max_epsilon)
+        self.state.charge_dp_sgd(accountant.history(), spent)
+        log.info("round %d: charged %d DP-SGD steps; sample-level epsilon %.4g of %.4g (delta %g)", cmd.round, steps,
+                 epsilon, s.dp_sgd_max_epsilon, s.dp_sgd_delta)
+        return private
 
     def _encode_update(self, delta: dict, cmd: RoundCommand) -> bytes:
         """Compress as the round asks; with error feedback, what is not sent now is carried to later rounds."""
@@ -315,11 +371,30 @@ class EdgeAgent:
     def _publish_pending(self) -> None:
         pending = self.state.record.pending
         assert pending is not None
+        # The report first, so the orchestrator expects the chunks (see OrchestratorService.announce).
+        self.transport.publish(self.topics.site(self.site, "update"), pending.report.to_bytes())
         if pending.blob is not None and pending.report.update is not None:
             data = self.state.blobs.get(pending.blob)
             self.outbox.add(pending.report.update, data)
             for index, chunk in iter_chunks(data, pending.report.update):
                 self.transport.publish(self.topics.site_chunk(self.site, pending.blob, index), chunk)
-        self.transport.publish(self.topics.site(self.site, "update"), pending.report.to_bytes())
         self._ack_due = time.monotonic() + self.settings.ack_timeout
         self.set_status("uploading", f"round {pending.report.round}")
+
+
+def _clip_and_noise(delta: dict[str, np.ndarray], cfg: TrainingConfig) -> tuple[dict[str, np.ndarray], bool]:
+    """Client-level DP as the round asks: clip the whole update, add this site's noise share if any.
+
+    Returns the update to send and whether it was within the bound before clipping (adaptive
+    clipping counts those). The share goes only on tensors that are averaged: noise on the
+    zeros of FedBN's local tensors would cost bytes and protect nothing.
+    """
+    assert cfg.dp_clip_norm is not None
+    try:
+        clipped, norm = clip_update(delta, cfg.dp_clip_norm)
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f"cannot clip the update for client-level privacy: {e}") from None
+    shared = {k: v for k, v in clipped.items() if k not in cfg.local_parameters}
+    if cfg.dp_noise_share_std > 0 and shared:
+        clipped.update(add_noise_with_std(shared, cfg.dp_noise_share_std, system_rng()))
+    return clipped, norm <= cfg.dp_clip_norm

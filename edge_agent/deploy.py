@@ -262,25 +262,35 @@ def ensure_image(client: docker.DockerClient, image: str, *, pull: bool, progres
                           f"build it with containers/build-images.sh, or `docker load` it from a file") from None
 
 
-def _healthy_within(container: Container, seconds: float, progress: Progress) -> tuple[bool, str]:
-    """Run the health check until it passes, the container stops, or ``seconds`` pass."""
+def _healthy_within(container: Container, started: float, seconds: float, progress: Progress) -> tuple[bool, str]:
+    """Run the health check until it passes, the container stops, or ``seconds`` pass.
+
+    Only heartbeats written since ``started`` (monotonic, taken before the container was
+    created) count: the state volume still holds the heartbeat of the container this one
+    replaces, which would otherwise pass for a minute whatever the new agent does.
+    """
     deadline = time.monotonic() + seconds
     output = "the agent did not report yet"
     progress(f"waiting up to {seconds:.0f}s for {container.name} to connect and report healthy")
     while time.monotonic() < deadline:
         container.reload()
-        if container.status != "running":
-            return False, f"the container is {container.status} (exit code {container.attrs['State']['ExitCode']})"
-        ok, output = run_health_check(container)
+        restarts = int(container.attrs.get("RestartCount") or 0)
+        if container.status != "running" or restarts:
+            return False, (f"the agent exited (exit code {container.attrs['State']['ExitCode']}, "
+                           f"{restarts} restarts so far)")
+        ok, output = run_health_check(container, max_age=time.monotonic() - started)
         if ok:
             return True, output
         time.sleep(1.0)
     return False, output
 
 
-def run_health_check(container: Container) -> tuple[bool, str]:
-    """The image's health check, run now (engines without systemd never schedule it)."""
-    result = container.exec_run(HEALTH_COMMAND)
+def run_health_check(container: Container, max_age: float | None = None) -> tuple[bool, str]:
+    """The image's health check, run now (engines without systemd never schedule it).
+
+    ``max_age``: seconds after which a heartbeat counts as stale (the command's default is 60).
+    """
+    result = container.exec_run([*HEALTH_COMMAND, *(["--max-age", f"{max_age:.1f}"] if max_age is not None else [])])
     return result.exit_code == 0, result.output.decode(errors="replace").strip()
 
 
@@ -328,6 +338,7 @@ def deploy(client: docker.DockerClient, spec: AgentDeployment, *, pull: bool = F
         mounts.append(Mount(CERTS_DIR, str(spec.certs_dir.resolve()), type="bind", read_only=True))
     try:
         progress(f"starting {spec.name} from {spec.image} ({image_id.removeprefix('sha256:')[:12]})")
+        started = time.monotonic()
         new = client.containers.run(
             spec.image, name=spec.name, detach=True, environment=env, mounts=mounts, network=spec.network,
             restart_policy={"Name": "unless-stopped"},
@@ -335,7 +346,7 @@ def deploy(client: docker.DockerClient, spec: AgentDeployment, *, pull: bool = F
                                     retries=3, start_period=60 * _NS),
             labels={LABEL_SITE: spec.site_id, LABEL_VOLUME: volume})
         if wait > 0:
-            ok, detail = _healthy_within(new, wait, progress)
+            ok, detail = _healthy_within(new, started, wait, progress)
             if not ok:
                 log = "\n  ".join(_tail(new, 15))
                 raise DeployError(f"the new agent did not get healthy within {wait:.0f}s: {detail} (--wait 0 "
@@ -349,9 +360,14 @@ def deploy(client: docker.DockerClient, spec: AgentDeployment, *, pull: bool = F
         if old is None:
             raise DeployError(str(e)) from None
         old.rename(spec.name)
+        progress(f"rolling back: starting the previous container ({old.attrs['Config']['Image']}) again")
+        restarted = time.monotonic()
         old.start()
-        raise DeployError(f"{e}\nthe previous container ({old.attrs['Config']['Image']}) runs again on the "
-                          f"same state volume") from None
+        again = "runs again"
+        if wait > 0:
+            ok, detail = _healthy_within(old, restarted, wait, progress)
+            again = f"runs again and is healthy ({detail})" if ok else f"runs again but is not healthy: {detail}"
+        raise DeployError(f"{e}\nthe previous container ({old.attrs['Config']['Image']}) {again}") from None
     if old is not None:
         old.remove()
     return new

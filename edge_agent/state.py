@@ -4,6 +4,10 @@ The state directory holds a content-addressed blob store (models received, updat
 acknowledged) and ``agent.json``, rewritten atomically. An update is written here *before*
 it is published, and dropped only when the orchestrator acknowledges it, so a crash between
 training and acknowledgement resends the same bytes instead of retraining or losing work.
+
+``agent.json`` also holds the site's DP-SGD privacy ledger: every step ever charged, written
+*before* the steps are taken, so a crash can only over-count (the safe side) and a restarted
+or reinstalled agent with the same state directory never starts its budget afresh.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from shared.blobstore import BlobStore
-from shared.protocol import UpdateReport
+from shared.protocol import PrivacySpent, UpdateReport
 
 MAX_REMEMBERED_ROUNDS = 1000
 
@@ -27,11 +31,21 @@ class PendingUpdate(BaseModel):
     blob: str | None
 
 
+class PrivacySegment(BaseModel):
+    """DP-SGD steps charged at one (noise multiplier, sampling rate); the accountant composes them all."""
+
+    noise_multiplier: float = Field(gt=0)
+    sampling_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=0)
+
+
 class AgentRecord(BaseModel):
     model_version: int | None = None
     model_sha256: str | None = None
     completed_rounds: list[str] = Field(default_factory=list)
     pending: PendingUpdate | None = None
+    dp_sgd_history: list[PrivacySegment] = Field(default_factory=list)
+    dp_sgd_spent: PrivacySpent | None = None
 
 
 class AgentState:
@@ -69,6 +83,17 @@ class AgentState:
             if pending.blob:
                 self.blobs.path(pending.blob).unlink(missing_ok=True)
         self.save()
+
+    def charge_dp_sgd(self, history: list[tuple[float, float, int]], spent: PrivacySpent) -> None:
+        """Persist the accountant's whole ``history()`` and what it has spent, before the steps are taken."""
+        self.record.dp_sgd_history = [PrivacySegment(noise_multiplier=z, sampling_rate=q, steps=n)
+                                      for z, q, n in history]
+        self.record.dp_sgd_spent = spent
+        self.save()
+
+    def dp_sgd_history(self) -> list[tuple[float, float, int]]:
+        """The persisted ledger in the form ``accountant.restore`` takes."""
+        return [(s.noise_multiplier, s.sampling_rate, s.steps) for s in self.record.dp_sgd_history]
 
     def is_complete(self, round_id: str) -> bool:
         return round_id in self.record.completed_rounds

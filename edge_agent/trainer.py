@@ -3,6 +3,10 @@
 Training runs the ONNX graph through the project's own executor (``shared.onnx_executor``):
 the model is data, no code from outside runs here. Evaluation uses onnxruntime on the very
 file the registry holds, so the scores are those of the deployed artefact.
+
+With the site's sample-level differential privacy (:class:`DPSGDConfig`), every step is a
+DP-SGD step (``edge_agent.dp_sgd``) on a Poisson-sampled batch of expected size
+``batch_size``, the mechanism the site's accountant charges for.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from edge_agent.dp_sgd import DPSGD
 from shared.onnx_executor import OnnxModule
 from shared.onnx_model import load_model_bytes, model_to_bytes, replace_initializers
 from shared.protocol import EvalMetrics, TrainingConfig
@@ -26,12 +31,26 @@ class TrainingError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class DPSGDConfig:
+    """The site's own DP-SGD parameters (from its settings, never from the round command)."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
 class TrainResult:
     weights: dict[str, np.ndarray]
     delta: dict[str, np.ndarray]
     num_samples: int
     metrics: dict[str, float]
     seconds: float
+
+
+def warm_up() -> None:
+    """Pay torch's one-off lazy imports (the first optimizer pulls in torch._dynamo, ~3 s) at start-up,
+    not inside the first round's training time."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).step()
 
 
 def _targets(y: np.ndarray, loss: str) -> torch.Tensor:
@@ -45,9 +64,24 @@ def _loss_fn(loss: str) -> torch.nn.Module:
             "cross_entropy": torch.nn.CrossEntropyLoss(), "mse": torch.nn.MSELoss()}[loss]
 
 
+def planned_steps(n: int, cfg: TrainingConfig) -> int:
+    """Optimizer steps ``train`` takes on ``n`` rows: known before training, so privacy can be charged first."""
+    return cfg.local_steps if cfg.local_steps is not None else math.ceil(n / cfg.batch_size) * cfg.local_epochs
+
+
+def check_private_training(n: int, cfg: TrainingConfig) -> None:
+    """Refuse round settings DP-SGD cannot follow; the agent calls it before spending any budget."""
+    if cfg.proximal_mu > 0:
+        raise TrainingError("the round asks for FedProx (proximal_mu > 0), which this site's DP-SGD does not "
+                            "support: its per-record clipping would also clip the proximal term")
+    if cfg.batch_size > n:
+        raise TrainingError(f"DP-SGD samples batches of expected size batch_size={cfg.batch_size}, more than the "
+                            f"{n} training rows; the federation must use a smaller batch_size")
+
+
 def _batches(n: int, cfg: TrainingConfig, gen: torch.Generator):
     """Index batches: ``local_steps`` batches (reshuffling each pass) or ``local_epochs`` full passes."""
-    steps = cfg.local_steps if cfg.local_steps is not None else math.ceil(n / cfg.batch_size) * cfg.local_epochs
+    steps = planned_steps(n, cfg)
     done = 0
     while done < steps:
         order = torch.randperm(n, generator=gen)
@@ -58,10 +92,17 @@ def _batches(n: int, cfg: TrainingConfig, gen: torch.Generator):
             done += 1
 
 
-def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingConfig, *, seed: int) -> TrainResult:
-    """Train locally from the given model; returns new weights and the update (new - old)."""
+def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingConfig, *, seed: int,
+          dp: DPSGDConfig | None = None) -> TrainResult:
+    """Train locally from the given model; returns new weights and the update (new - old).
+
+    With ``dp``, training is DP-SGD and the metrics are only the step count: losses on the
+    training rows are not noised, so reporting them would leak what DP-SGD protects.
+    """
     if len(y) == 0:
         raise TrainingError("no training rows: check FEDMQ_DATA_TRAIN")
+    if dp is not None:
+        check_private_training(len(y), cfg)
     started = time.perf_counter()
     torch.manual_seed(seed)
     module = OnnxModule(model)
@@ -77,13 +118,29 @@ def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingCon
     loss_fn = _loss_fn(cfg.loss)
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = _targets(y, cfg.loss)
-    gen = torch.Generator().manual_seed(seed)
     module.train()
+    if dp is not None:
+        _train_private(module, opt, loss_fn, xt, yt, cfg, dp)
+        metrics = {"steps": float(planned_steps(len(yt), cfg))}
+    else:
+        metrics = _train_plain(module, opt, loss_fn, xt, yt, cfg, anchors, seed)
+    weights = module.onnx_state()
+    if not all(np.all(np.isfinite(w)) for w in weights.values()):
+        raise TrainingError("training produced non-finite weights; lower the learning rate")
+    delta = {k: (weights[k] - base[k]).astype(np.float32) for k in base}
+    return TrainResult(weights, delta, len(yt), metrics, time.perf_counter() - started)
+
+
+def _train_plain(module: OnnxModule, opt: torch.optim.Optimizer, loss_fn: torch.nn.Module, x: torch.Tensor,
+                 y: torch.Tensor, cfg: TrainingConfig, anchors: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
+    """Minibatch steps (FedProx's proximal term when ``anchors``); returns the loss metrics."""
+    params = module.onnx_parameters()
+    gen = torch.Generator().manual_seed(seed)
     losses = []
-    for idx in _batches(len(yt), cfg, gen):
+    for idx in _batches(len(y), cfg, gen):
         opt.zero_grad()
-        out = module(xt[idx])
-        loss = loss_fn(out, yt[idx])
+        out = module(x[idx])
+        loss = loss_fn(out, y[idx])
         if anchors:
             loss = loss + cfg.proximal_mu / 2 * sum(((params[k] - a) ** 2).sum() for k, a in anchors.items())
         if not torch.isfinite(loss):
@@ -91,18 +148,29 @@ def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingCon
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    weights = module.onnx_state()
-    delta = {k: (weights[k] - base[k]).astype(np.float32) for k in base}
-    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": float(np.mean(losses)),
-               "steps": float(len(losses))}
-    return TrainResult(weights, delta, len(yt), metrics, time.perf_counter() - started)
+    return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": float(np.mean(losses)),
+            "steps": float(len(losses))}
 
 
-def finetune(model_bytes: bytes, x: np.ndarray, y: np.ndarray, cfg: TrainingConfig, *, seed: int) -> bytes:
+def _train_private(module: OnnxModule, opt: torch.optim.Optimizer, loss_fn: torch.nn.Module, x: torch.Tensor,
+                   y: torch.Tensor, cfg: TrainingConfig, dp: DPSGDConfig) -> None:
+    """DP-SGD steps on Poisson batches; noise and sampling draw from the OS CSPRNG, never from the round's seed."""
+    private = DPSGD(module, loss_fn, dp.clip_norm, dp.noise_multiplier, expected_batch_size=cfg.batch_size)
+    try:
+        for _ in range(planned_steps(len(y), cfg)):
+            idx = private.sample_indices(len(y))
+            private.step(opt, x[idx], y[idx])
+    except (RuntimeError, ValueError) as e:  # torch.func refuses graphs whose examples interact (BatchNorm)
+        raise TrainingError(f"DP-SGD cannot train this model: {e}; per-record gradients need a model without "
+                            "batch statistics (no BatchNorm in training mode)") from None
+
+
+def finetune(model_bytes: bytes, x: np.ndarray, y: np.ndarray, cfg: TrainingConfig, *, seed: int,
+             dp: DPSGDConfig | None = None) -> bytes:
     """The model adapted locally for ``cfg.finetune_steps`` steps: this site's personalized variant."""
     model = load_model_bytes(model_bytes)
     tuning = cfg.model_copy(update={"local_steps": cfg.finetune_steps, "local_epochs": None, "proximal_mu": 0.0})
-    return model_to_bytes(replace_initializers(model, train(model, x, y, tuning, seed=seed).weights))
+    return model_to_bytes(replace_initializers(model, train(model, x, y, tuning, seed=seed, dp=dp).weights))
 
 
 def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray, loss: str) -> EvalMetrics:

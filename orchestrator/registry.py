@@ -3,8 +3,9 @@
 Versions are numbered 0, 1, 2, ... (0 is the initial model); each is an ONNX file in the
 content-addressed blob store plus a SQLite row recording its sha256, parent, the round that
 produced it, the contributing sites with their sample counts, the strategy and training
-settings, and per-site evaluations. Writes take a connection inside the caller's
-transaction so that a version and the round that produced it are committed together.
+settings, the differential privacy spent up to it (when the strategy is private), and per-site
+evaluations. Writes take a connection inside the caller's transaction so that a version and
+the round that produced it are committed together.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.blobstore import BlobStore
-from shared.protocol import EvalMetrics
+from shared.protocol import EvalMetrics, PrivacySpent
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS versions (
     strategy TEXT NOT NULL,
     training TEXT NOT NULL,
     strategy_state TEXT,
-    note TEXT NOT NULL DEFAULT ''
+    note TEXT NOT NULL DEFAULT '',
+    privacy TEXT
 );
 CREATE TABLE IF NOT EXISTS evaluations (
     version INTEGER NOT NULL,
@@ -61,6 +63,7 @@ class ModelVersion:
     strategy_state: str | None
     note: str
     evaluations: dict[str, EvalMetrics] = field(default_factory=dict)
+    privacy: PrivacySpent | None = None
 
     @property
     def pooled(self) -> EvalMetrics | None:
@@ -96,6 +99,14 @@ class ModelRegistry:
         self.conn = conn
         self.blobs = blobs
         conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add columns that registries created by older versions lack (their rows read as NULL)."""
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(versions)")}
+        if "privacy" not in columns:
+            with self.conn:
+                self.conn.execute("ALTER TABLE versions ADD COLUMN privacy TEXT")
 
     @classmethod
     def open(cls, state_dir: Path) -> "ModelRegistry":
@@ -106,19 +117,23 @@ class ModelRegistry:
 
     def add_version(self, model: bytes, *, parent: int | None, round: int | None, contributors: dict[str, int],
                     strategy: dict[str, Any], training: dict[str, Any], strategy_state: str | None = None,
-                    note: str = "") -> ModelVersion:
-        """Store the file and append the next version number (caller commits)."""
+                    note: str = "", privacy: PrivacySpent | None = None) -> ModelVersion:
+        """Store the file and append the next version number (caller commits).
+
+        ``privacy`` is what a private strategy has spent up to and including this version, kept
+        with it so that an audit of any version finds its guarantee without replaying rounds.
+        """
         sha = self.blobs.put(model)
         row = self.conn.execute("SELECT COALESCE(MAX(version), -1) + 1 FROM versions").fetchone()
         version = int(row[0])
         created = time.time()
         self.conn.execute(
             "INSERT INTO versions (version, sha256, parent, round, created_at, size, contributors, strategy, training,"
-            " strategy_state, note) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " strategy_state, note, privacy) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (version, sha, parent, round, created, len(model), json.dumps(contributors), json.dumps(strategy),
-             json.dumps(training), strategy_state, note))
+             json.dumps(training), strategy_state, note, privacy.model_dump_json() if privacy else None))
         return ModelVersion(version, sha, parent, round, created, len(model), contributors, strategy, training,
-                            strategy_state, note)
+                            strategy_state, note, privacy=privacy)
 
     def record_evaluation(self, version: int, site: str, metrics: EvalMetrics,
                           personalized: EvalMetrics | None = None) -> None:
@@ -137,11 +152,13 @@ class ModelRegistry:
         return {site: EvalMetrics.model_validate_json(m) for site, m in rows}
 
     def _from_row(self, row: tuple) -> ModelVersion:
-        v, sha, parent, rnd, created, size, contributors, strategy, training, state, note = row
+        v, sha, parent, rnd, created, size, contributors, strategy, training, state, note, privacy = row
         return ModelVersion(v, sha, parent, rnd, created, size, json.loads(contributors), json.loads(strategy),
-                            json.loads(training), state, note, self._evaluations(v))
+                            json.loads(training), state, note, self._evaluations(v),
+                            PrivacySpent.model_validate_json(privacy) if privacy else None)
 
-    _COLUMNS = "version, sha256, parent, round, created_at, size, contributors, strategy, training, strategy_state, note"
+    _COLUMNS = ("version, sha256, parent, round, created_at, size, contributors, strategy, training, strategy_state,"
+                " note, privacy")
 
     def get(self, version: int) -> ModelVersion:
         row = self.conn.execute(f"SELECT {self._COLUMNS} FROM versions WHERE version=?", (version,)).fetchone()

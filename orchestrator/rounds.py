@@ -5,7 +5,8 @@ arrive until every selected site reported, or the deadline passed with a quorum)
 aggregation (synchronous) -> ``waiting`` for the next round. A round that misses its quorum
 is logged and retried as a new attempt with a fresh selection, never silently skipped.
 After the last round an ``evaluating`` round asks every online site to score the final
-version; then ``finished``.
+version; then ``finished``. A differentially private strategy (``dp_fedavg``) can end training
+earlier: the round that would take the federation's epsilon past its budget is never announced.
 
 Everything needed to resume lives in the journal and the registry: a restarted engine
 reopens the open attempt with the updates already stored.
@@ -26,6 +27,7 @@ from orchestrator.journal import RoundJournal, RoundRecord
 from orchestrator.registry import ModelRegistry, ModelVersion, pool_metrics
 from orchestrator.sampling import NotEnoughSites, select_sites
 from orchestrator.strategies import Strategy
+from orchestrator.strategies.dp_fedavg import DPFedAvg, PrivateSum, RoundPlan
 from shared.blobs import make_manifest
 from shared.codec import CodecError, decode_tensors, encode_model_delta
 from shared.onnx_executor import OnnxModule
@@ -60,6 +62,9 @@ class _Open:
     reported: set[str] = field(default_factory=set)
 
 
+DELTA_WORTH_IT = 0.9  # send the exact delta only when it is clearly smaller than the packed model
+
+
 def dense_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     """What an update for these tensors occupies densified as float32: the decoder's allocation bound."""
     return 4 * sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
@@ -88,6 +93,9 @@ class RoundEngine:
         self.state = "waiting"
         self.current: _Open | None = None
         self._waiting_logged = False
+        # Client-level DP needs more of the engine than the generic Strategy interface offers: the
+        # round's size for noise shares, the sites' clipping reports, the budget, the privacy record.
+        self._private = strategy if isinstance(strategy, DPFedAvg) else None
 
     # start-up ---------------------------------------------------------------------------------
     def start(self, initial_model: Callable[[], bytes]) -> None:
@@ -119,9 +127,14 @@ class RoundEngine:
         return TaskSpec(features=self.settings.task_features, label=self.settings.task_label,
                         standardize=self.settings.standardize, input_shape=self.settings.task_input_shape)
 
-    def _training(self, model: bytes) -> TrainingConfig:
+    def _plan(self, selected: list[str]) -> RoundPlan:
+        """A train round's size: sites asked, and the fewest reports ``tick`` will aggregate it with."""
+        return RoundPlan(selected=len(selected), min_reports=min(self.settings.effective_quorum, len(selected)))
+
+    def _training(self, model: bytes, selected: list[str]) -> TrainingConfig:
         """The configured training settings plus what the strategy and personalization add."""
-        overrides = dict(self.strategy.training_overrides())
+        overrides = dict(self._private.round_overrides(self._plan(selected)) if self._private
+                         else self.strategy.training_overrides())
         if self.settings.fedbn:
             overrides["local_parameters"] = sorted(OnnxModule(load_model_bytes(model)).batchnorm_names())
         return self.settings.training.model_copy(update=overrides) if overrides else self.settings.training
@@ -136,6 +149,8 @@ class RoundEngine:
         parent = self.registry.get(version.parent)
         base = float_initializers(load_model_bytes(self.registry.blobs.get(parent.sha256)))
         data = encode_model_delta(base, float_initializers(load_model_bytes(model)))
+        if len(data) > DELTA_WORTH_IT * len(packed):  # dense training changes nearly every weight
+            return full, None, blobs
         manifest = make_manifest(data, "application/x-fedmq-model-delta", self.settings.chunk_size)
         blobs[manifest.blob_id] = data
         return full, ModelDelta(base_version=parent.version, base_sha256=parent.sha256, blob=manifest), blobs
@@ -192,13 +207,18 @@ class RoundEngine:
         round_no = self._next_round()
         latest = self.registry.latest()
         assert latest is not None
-        if round_no > self.settings.rounds:
+        spent = self._private.stop_reason() if self._private and round_no <= self.settings.rounds else None
+        if round_no > self.settings.rounds or spent:
             evaluated = bool(self.journal.done("evaluate")) and self.journal.done("evaluate")[-1].base_version \
                 == latest.version
             if not self.settings.final_evaluation or evaluated:
                 self.state = "finished"
-                self.publisher.status("finished", f"{self.settings.rounds} rounds done; final version "
-                                                  f"{latest.version}")
+                if spent:
+                    detail = f"stopped before round {round_no} of {self.settings.rounds}: {spent}"
+                    log.warning("%s; final version %d", detail, latest.version)
+                else:
+                    detail = f"{self.settings.rounds} rounds done"
+                self.publisher.status("finished", f"{detail}; final version {latest.version}")
                 return
             kind, minimum = "evaluate", 1
         else:
@@ -225,7 +245,7 @@ class RoundEngine:
         record = self.journal.begin(
             round_id=f"{self.settings.federation}-{tag}{round_no}-a{attempt}", round=round_no, attempt=attempt,
             kind=kind, base_version=latest.version, selected=selected,
-            training=self._training(self.registry.blobs.get(latest.sha256)).model_dump(mode="json"),
+            training=self._training(self.registry.blobs.get(latest.sha256), selected).model_dump(mode="json"),
             deadline=self.clock() + self.settings.round_timeout)
         log.info("round %d attempt %d (%s): model v%d to %s", round_no, attempt, kind, latest.version, selected)
         self._open(record)
@@ -244,6 +264,10 @@ class RoundEngine:
                                  f"{cur.record.base_version}")
         if cur.record.kind == "train" and (report.update is None or report.num_samples <= 0):
             raise UpdateRejected("a training report needs an update and a positive sample count")
+        if cur.record.kind == "train" and cur.command.training.dp_clip_norm is not None \
+                and report.dp_unclipped is None:
+            raise UpdateRejected("this round applies client-level differential privacy: the report must say "
+                                 "whether the update was within dp_clip_norm (dp_unclipped); upgrade the agent")
         return cur.record
 
     def accept(self, site: str, report: UpdateReport, update: bytes | None) -> bool:
@@ -299,18 +323,27 @@ class RoundEngine:
         base_model = load_model_bytes(self.registry.model_bytes(rec.base_version))
         weights = float_initializers(base_model)
         local = set(TrainingConfig.model_validate(rec.training).local_parameters)
-        aggregation = self.strategy.begin_round(weights, aggregated_names=set(weights) - local)
+        aggregated = set(weights) - local
+        aggregation = (self._private.begin_round(weights, aggregated_names=aggregated, plan=self._plan(rec.selected))
+                       if self._private else self.strategy.begin_round(weights, aggregated_names=aggregated))
         shapes = {k: v.shape for k, v in weights.items()}
         for u in updates:
             delta = decode_tensors(self.registry.blobs.get(u.blob), shapes, max_decoded_bytes=dense_bytes(shapes))
             aggregation.add(u.site, u.num_samples, delta)
+            if isinstance(aggregation, PrivateSum) and u.report.dp_unclipped is not None:
+                aggregation.record_clipping(u.site, u.report.dp_unclipped)
         new_weights = aggregation.finish()
         model = model_to_bytes(replace_initializers(base_model, new_weights))
         state = self.strategy.state()
         state_sha = self.registry.blobs.put(_dump_state(state)) if state else None
+        privacy = self._private.privacy_spent() if self._private else None
         with self.registry.conn:
             version = self.registry.add_version(
                 model, parent=rec.base_version, round=rec.round, contributors={u.site: u.num_samples for u in updates},
-                strategy=self.strategy.config().model_dump(), training=rec.training, strategy_state=state_sha)
+                strategy=self.strategy.config().model_dump(), training=rec.training, strategy_state=state_sha,
+                privacy=privacy)
             self.journal.close(rec.round_id, version.version)
+        if privacy is not None:
+            log.info("round %d: client-level epsilon %.4g at delta %g after %d DP rounds (%s)", rec.round,
+                     privacy.epsilon, privacy.delta, privacy.steps, privacy.mechanism)
         return version

@@ -207,10 +207,12 @@ class OrchestratorService:
         manifests = [command.model] + ([command.model_delta.blob] if command.model_delta else [])
         for manifest in manifests:
             self.outbox.add(manifest, blobs[manifest.blob_id])
+        # The command goes first so agents expect the blob before its chunks arrive: chunks
+        # that come early are only parked in a bounded buffer, and big models would overflow it.
+        self.transport.publish(self.topics.round, command.to_bytes(), retain=True)
         broadcast = manifests[-1]
         for index, chunk in iter_chunks(blobs[broadcast.blob_id], broadcast):
             self.transport.publish(self.topics.broadcast_chunk(broadcast.blob_id, index), chunk)
-        self.transport.publish(self.topics.round, command.to_bytes(), retain=True)
 
     def model_published(self, version: ModelVersion) -> None:
         msg = ModelPublished(federation=self.settings.federation, sender=SENDER, version=version.version,
@@ -222,11 +224,13 @@ class OrchestratorService:
                       site_metrics: dict[str, EvalMetrics], personalized: dict[str, EvalMetrics],
                       seconds: dict[str, float]) -> None:
         sent, received = self.transport.bytes_sent, self.transport.bytes_received
+        # The privacy spent so far: with the new version, or (evaluation rounds) with the one evaluated.
+        privacy = self.registry.get(evaluated_version if new_version is None else new_version).privacy
         msg = RoundSummary(federation=self.settings.federation, sender=SENDER, round=record.round,
                            evaluated_version=evaluated_version, new_version=new_version, site_metrics=site_metrics,
                            pooled=pool_metrics(site_metrics), personalized_metrics=personalized,
                            personalized_pooled=pool_metrics(personalized), bytes_down=sent - self._traffic_mark[0],
-                           bytes_up=received - self._traffic_mark[1], seconds=seconds)
+                           bytes_up=received - self._traffic_mark[1], seconds=seconds, privacy=privacy)
         self.transport.publish(self.topics.round_summary, msg.to_bytes(), retain=True)
 
     def status(self, state: str, detail: str = "") -> None:

@@ -100,7 +100,20 @@ class OrchestratorSettings(CommonSettings):
 
 
 class AgentSettings(CommonSettings):
-    """One hospital's agent: its identity, its local data, and limits the orchestrator cannot change."""
+    """One hospital's agent: its identity, its local data, and limits the orchestrator cannot change.
+
+    Sample-level differential privacy (DP-SGD) is such a limit: it protects each patient record
+    of this site, so the hospital sets it here and no round command can weaken it. Setting
+    ``dp_sgd_noise_multiplier`` and ``dp_sgd_max_epsilon`` turns it on: every local optimizer
+    step clips each record's gradient to ``dp_sgd_clip_norm`` and adds Gaussian noise of std
+    ``noise_multiplier * clip_norm`` on Poisson-sampled batches (expected size = the round's
+    ``batch_size``), an RDP accountant in the state directory counts the steps, and the agent
+    refuses a round whose steps would take epsilon (at ``dp_sgd_delta``) above the budget.
+    The noise multiplier is given, not derived: the number of rounds the federation will ask
+    for is not the site's to know. To plan for R rounds of S steps at batch size B on N
+    records, use ``noise_multiplier_for(max_epsilon, delta, B / N, R * S)`` from
+    ``shared.privacy.accountant``.
+    """
 
     site_id: str
     data_train: Path
@@ -108,11 +121,32 @@ class AgentSettings(CommonSettings):
     label_column: str | None = Field(default=None, description="local name of the task's label column")
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     ack_timeout: float = Field(default=20.0, gt=0, description="seconds to wait for the orchestrator's ack")
+    dp_sgd_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                                  description="DP-SGD noise std as a multiple of the clip norm")
+    dp_sgd_max_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                             description="the site's total sample-level budget; no training "
+                                             "beyond it")
+    dp_sgd_delta: float = Field(default=1e-5, gt=0, lt=1, description="keep it well below 1 / training rows")
+    dp_sgd_clip_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False,
+                                    description="per-record gradient L2 bound")
 
     @field_validator("site_id")
     @classmethod
     def _site_name(cls, v: str) -> str:
         return check_name("site id", v)
+
+    @model_validator(mode="after")
+    def _dp_sgd_complete(self) -> "AgentSettings":
+        """Noise without a ceiling proves nothing in the end, and a ceiling without noise can never be met."""
+        if (self.dp_sgd_noise_multiplier is None) != (self.dp_sgd_max_epsilon is None):
+            raise ValueError("DP-SGD needs both dp_sgd_noise_multiplier and dp_sgd_max_epsilon "
+                             "(FEDMQ_DP_SGD_NOISE_MULTIPLIER, FEDMQ_DP_SGD_MAX_EPSILON), or neither")
+        return self
+
+    @property
+    def dp_sgd(self) -> bool:
+        """Whether this site trains with sample-level differential privacy."""
+        return self.dp_sgd_noise_multiplier is not None
 
 
 S = TypeVar("S", bound=CommonSettings)

@@ -84,6 +84,19 @@ class TrainingConfig(_Strict):
                                         description="initializers each site keeps for itself (FedBN)")
     compression: CompressionSettings = CompressionSettings()
     finetune_steps: int = Field(default=0, ge=0, description="local adaptation before the personalized evaluation")
+    dp_clip_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                       description="client-level DP (DP-FedAvg): clip the whole update to this L2 "
+                                       "norm before sending it")
+    dp_noise_share_std: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                                      description="distributed DP noise: std of the Gaussian share each site adds "
+                                      "to its clipped update")
+
+    @model_validator(mode="after")
+    def _noise_needs_clipping(self) -> "TrainingConfig":
+        """Noise on an unclipped update protects nothing: its scale has no bound to be calibrated to."""
+        if self.dp_noise_share_std > 0 and self.dp_clip_norm is None:
+            raise ValueError("dp_noise_share_std needs dp_clip_norm: noise is calibrated to the clip bound")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +118,31 @@ class EvalMetrics(_Strict):
     loss: float
     accuracy: float | None = None
     correct: int | None = None
+
+
+class PrivacySpent(_Strict):
+    """(epsilon, delta) spent so far by one differentially private mechanism, and its ceiling.
+
+    ``level`` says what one unit of privacy is: a whole site (client-level DP-FedAvg, one
+    ``step`` per aggregated round) or one record of a site's data (sample-level DP-SGD, one
+    ``step`` per optimizer step). ``noise_multiplier`` and ``sampling_rate`` are those of the
+    latest step; when they never changed, they let anyone recompute ``epsilon`` from ``steps``
+    and ``delta`` with an RDP accountant (otherwise the full history is in the orchestrator's
+    strategy state or the agent's ledger).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    level: Literal["client", "sample"]
+    mechanism: str = Field(max_length=100, description="e.g. 'dp_fedavg/central', 'dp_fedavg/distributed', "
+                           "'dp_sgd'")
+    epsilon: float = Field(ge=0)
+    delta: float = Field(gt=0, lt=1)
+    steps: int = Field(ge=0)
+    noise_multiplier: float = Field(gt=0)
+    sampling_rate: float = Field(gt=0, le=1)
+    clip_norm: float = Field(gt=0)
+    max_epsilon: float | None = Field(default=None, gt=0)
 
 
 class Message(_Strict):
@@ -163,6 +201,11 @@ class UpdateReport(Message):
     personalized: EvalMetrics | None = Field(default=None, description="the site's own variant: its local "
                                              "parameters (FedBN) and/or local fine-tuning")
     train_seconds: float = 0.0
+    dp_unclipped: bool | None = Field(default=None, description="with client-level DP: whether the update's "
+                                      "norm was within dp_clip_norm before clipping (adaptive clipping counts "
+                                      "these)")
+    privacy: PrivacySpent | None = Field(default=None, description="the site's own sample-level DP-SGD "
+                                         "spending, after this round")
 
     @field_validator("train_metrics")
     @classmethod
@@ -204,6 +247,7 @@ class SiteStatus(Message):
     round_id: str | None = None
     num_samples: int | None = None
     detail: str = ""
+    privacy: PrivacySpent | None = Field(default=None, description="the site's sample-level DP-SGD spending so far")
 
 
 class OrchestratorStatus(Message):
@@ -244,6 +288,8 @@ class RoundSummary(Message):
     bytes_down: int
     bytes_up: int
     seconds: dict[str, float] = Field(default_factory=dict)
+    privacy: PrivacySpent | None = Field(default=None, description="client-level DP spent by the federation up "
+                                         "to and including the new version")
 
 
 AnyMessage = Annotated[

@@ -70,6 +70,8 @@ class Transport:
         self.max_message_bytes = max_message_bytes or settings.chunk_size + 4096
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         self.connected = threading.Event()
+        self._disconnected = threading.Event()
+        self._last_publish: mqtt.MQTTMessageInfo | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.rejected_oversized = 0
@@ -124,12 +126,14 @@ class Transport:
         with self._lock:
             for topic, qos in self._subscriptions.items():
                 client.subscribe(topic, qos)
+            self._disconnected.clear()
             self.connected.set()
         log.info("%s connected to %s:%d", self.client_id, self.address.host, self.address.port)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: mqtt.ReasonCode,
                        properties: Properties | None) -> None:
         self.connected.clear()
+        self._disconnected.set()
         if reason.is_failure:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason)
 
@@ -165,10 +169,23 @@ class Transport:
                                  "Check credentials, certificates and the broker log.")
         return self
 
-    def stop(self, *, graceful: bool = True) -> None:
-        """Disconnect. ``graceful=False`` drops the socket so the broker fires our last will."""
+    def stop(self, *, graceful: bool = True, timeout: float = 5.0) -> None:
+        """Disconnect. ``graceful=False`` drops the socket so the broker fires our last will.
+
+        A graceful stop first lets the broker acknowledge what we published (a last status must
+        not be lost) and waits for the DISCONNECT to go out: stopping the network thread
+        earlier would close the socket under it, and the broker would fire the will.
+        """
         if graceful:
+            last = self._last_publish
+            if last is not None and self.connected.is_set():
+                try:
+                    last.wait_for_publish(timeout)
+                except (RuntimeError, ValueError):  # not connected any more: nothing to wait for
+                    pass
             self._client.disconnect()
+            if not self._disconnected.wait(timeout):
+                log.warning("%s: the broker did not confirm the disconnect within %.0fs", self.client_id, timeout)
         else:
             sock = self._client.socket()
             if sock is not None:
@@ -197,6 +214,7 @@ class Transport:
         if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
             raise TransportError(f"payload of {len(payload)} bytes is too large for MQTT")
         self.bytes_sent += len(payload)
+        self._last_publish = info
         return info
 
     def get(self, timeout: float | None = None) -> Incoming | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Aggregation, NotEnoughUpdates, Strategy, StrategyConfig, Weights
+from .dp_fedavg import DPFedAvg, RoundPlan
 from .fedadagrad import FedAdagrad
 from .fedadam import FedAdam
 from .fedavg import FedAvg
@@ -25,6 +26,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Median,
         TrimmedMean,
         NormBounding,
+        DPFedAvg,
     )
 }
 
@@ -43,6 +45,7 @@ def make_strategy(config: StrategyConfig) -> Strategy:
 __all__ = [
     "STRATEGIES",
     "Aggregation",
+    "DPFedAvg",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -52,6 +55,7 @@ __all__ = [
     "Median",
     "NormBounding",
     "NotEnoughUpdates",
+    "RoundPlan",
     "Strategy",
     "StrategyConfig",
     "TrimmedMean",

@@ -45,16 +45,49 @@ class _SubsampledGaussianAccountant:
         self.sampling_rate = float(sampling_rate)
         self.delta = float(delta)
         self._steps = 0
+        self._earlier: dict[tuple[float, float], int] = {}
 
     @property
     def steps(self) -> int:
-        """Steps (rounds or optimizer steps) charged so far."""
-        return self._steps
+        """Steps (rounds or optimizer steps) charged so far, including earlier ones."""
+        return self._steps + sum(self._earlier.values())
 
     def step(self, count: int = 1) -> None:
         """Record ``count`` more releases of the mechanism."""
         _check_steps("count", count)
         self._steps += count
+
+    def add_earlier_steps(self, noise_multiplier: float, sampling_rate: float, count: int) -> None:
+        """Charge ``count`` steps taken earlier with other parameters (noise, sampling rate).
+
+        A site's dataset or batch size, or a federation's noise, can change between runs; a
+        record's privacy loss composes over every step it was exposed to, so that history is
+        kept and composed rather than forgotten or re-priced at today's parameters.
+        """
+        _check_noise_multiplier(noise_multiplier)
+        _check_sampling_rate(sampling_rate)
+        _check_steps("count", count)
+        key = (float(noise_multiplier), float(sampling_rate))
+        if key == (self.noise_multiplier, self.sampling_rate):
+            self._steps += count
+        elif count:
+            self._earlier[key] = self._earlier.get(key, 0) + count
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """``(noise_multiplier, sampling_rate, steps)`` of everything charged: what to persist.
+
+        Give it back to :meth:`restore` after a restart. Order does not matter: RDP composes
+        by addition.
+        """
+        segments = [(z, q, n) for (z, q), n in self._earlier.items()]
+        if self._steps:
+            segments.append((self.noise_multiplier, self.sampling_rate, self._steps))
+        return segments
+
+    def restore(self, history: list[tuple[float, float, int]]) -> None:
+        """Charge a persisted :meth:`history` again, e.g. when a restarted process rebuilds its accountant."""
+        for noise_multiplier, sampling_rate, count in history:
+            self.add_earlier_steps(noise_multiplier, sampling_rate, count)
 
     def epsilon(self) -> float:
         """Epsilon spent so far at this accountant's delta."""
@@ -73,6 +106,8 @@ class _SubsampledGaussianAccountant:
     def _composed(self, steps: int) -> RdpAccountant:
         # Recomposed from scratch so that "what if" queries never mutate state.
         accountant = RdpAccountant()
+        for (noise_multiplier, sampling_rate), count in self._earlier.items():
+            accountant.compose(_event(noise_multiplier, sampling_rate), count)
         if steps:
             accountant.compose(_event(self.noise_multiplier, self.sampling_rate), steps)
         return accountant

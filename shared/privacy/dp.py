@@ -104,6 +104,17 @@ def add_noise_share(
     return _add_noise(clipped_update, noise_share_std(noise_multiplier, clip_norm, num_sites), rng)
 
 
+def add_noise_with_std(update: Update, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Add N(0, std^2) to every coordinate, where ``std`` was calibrated by another party.
+
+    A site in a federation does not choose its own noise share: the orchestrator computes
+    it with :func:`noise_share_std` from the round's clip bound and the fewest sites that
+    can end up in the sum, and sends only the std.
+    """
+    _check_non_negative("std", std)
+    return _add_noise(update, std, rng)
+
+
 def _add_noise(update: Update, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     _validate_update(update)
     if not isinstance(rng, np.random.Generator):
