@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import zlib
@@ -45,6 +46,7 @@ from shared.transport import Incoming, Transport
 log = logging.getLogger(__name__)
 
 UPDATE_MEDIA_TYPE = "application/x-fedmq-tensors"
+CLOCK_SKEW_GRACE = 120.0  # seconds a hospital clock may lag the orchestrator's before a round counts as over
 
 try:
     AGENT_VERSION = version("fedmq")
@@ -83,6 +85,7 @@ class EdgeAgent:
 
     # lifetime -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
+        self._write_heartbeat(False)  # a previous container's heartbeat must not vouch for this one
         warm_up()
         t = self.transport
         t.start()
@@ -115,9 +118,15 @@ class EdgeAgent:
             self.transport.publish(self.topics.site(self.site, "request"), req.to_bytes())
         if now - self._last_heartbeat > self.settings.heartbeat_seconds:
             self._last_heartbeat = now
-            self.state.health_file().write_text(json.dumps({
-                "time": time.time(), "connected": self.transport.connected.is_set(), "state": self.current_state,
-                "model_version": self.state.record.model_version}))
+            self._write_heartbeat(self.transport.connected.is_set())
+
+    def _write_heartbeat(self, connected: bool) -> None:
+        """What ``fedmq agent health`` reads; replaced atomically so a reader never sees half a file."""
+        path = self.state.health_file()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"time": time.time(), "connected": connected, "state": self.current_state,
+                                   "model_version": self.state.record.model_version}))
+        os.replace(tmp, path)
 
     def _status_message(self, state: SiteState, detail: str = "") -> SiteStatus:
         return SiteStatus(federation=self.settings.federation, sender=self.site, state=state,
@@ -160,13 +169,17 @@ class EdgeAgent:
     def _on_round(self, cmd: RoundCommand) -> None:
         if self.state.is_complete(cmd.round_id):
             return
-        if self.site not in cmd.selected:
-            self.command = None
-            self.set_status("idle", f"not selected for round {cmd.round}")
-            return
         pending = self.state.record.pending
         if pending is not None and pending.report.round_id == cmd.round_id:
             self._publish_pending()
+            return
+        if cmd.deadline + CLOCK_SKEW_GRACE < time.time():
+            # A retained command outlives its round (e.g. after the federation finished).
+            self.set_status("idle", f"round {cmd.round} closed before this agent could join")
+            return
+        if self.site not in cmd.selected:
+            self.command = None
+            self.set_status("idle", f"not selected for round {cmd.round}")
             return
         if self.command is not None and self.command.round_id == cmd.round_id:
             return

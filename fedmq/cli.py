@@ -39,8 +39,14 @@ BrokerOption = typer.Option(None, "--broker", help="Broker URL mqtt://HOST:PORT 
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(name)s: %(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    """Rich output on a terminal; one plain line per record otherwise (container logs, files)."""
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        fmt = "%(name)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, handlers=[handler], force=True)
 
 
 def _fail(message: str) -> None:

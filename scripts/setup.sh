@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fedmq needs on a fresh machine, skipping whatever is already there.
-# Usage: scripts/setup.sh [--test]   (--test adds the test tools)
+# Usage: scripts/setup.sh [--test] [--containers]   (--test adds the test tools; --containers adds
+# Podman and debootstrap for containers/, which tests/test_containers.py also installs itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,4 +28,15 @@ extras=""
 if ! "$PY" -c "import fedmq, importlib.metadata as m; m.version('fedmq')" >/dev/null 2>&1 || [ -n "$extras" ]; then
   echo "[setup] installing fedmq${extras} and its dependencies"
   "$PY" -m pip install -q --disable-pip-version-check -e ".${extras}"
+fi
+
+# Optional: what containers/ needs to build and run the images without a registry.
+if [[ " $* " == *" --containers "* ]] && ! command -v podman >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Podman and debootstrap (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      podman runc debootstrap netavark aardvark-dns >/dev/null
+  else
+    echo "[setup] --containers: install podman, runc and debootstrap with your package manager (needs root)." >&2
+  fi
 fi
