@@ -104,6 +104,8 @@ class EdgeAgent:
                     self.handle(msg)
                 self._housekeeping()
         finally:
+            if t.connected.is_set():
+                self.set_status("offline", "stopped")  # a clean disconnect does not fire the last will
             t.stop()
 
     def _housekeeping(self) -> None:

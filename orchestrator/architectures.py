@@ -10,10 +10,14 @@ variance into an alias of its scale (both all ones).
 
 from __future__ import annotations
 
+import functools
 import io
+import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -127,6 +131,20 @@ def _to_inference_graph(model: onnx.ModelProto) -> None:
         graph.node.remove(node)
 
 
+T = TypeVar("T")
+_EXPORT_LOCK = threading.Lock()
+
+
+def _exclusive(fn: Callable[..., T]) -> Callable[..., T]:
+    """torch's exporter and global seeding are process-wide state: one export at a time."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        with _EXPORT_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_exclusive
 def build_onnx(
     name: str,
     *,

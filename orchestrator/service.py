@@ -92,6 +92,8 @@ class OrchestratorService:
                 if self.engine.state == "finished" and self.settings.exit_when_done:
                     break
         finally:
+            if t.connected.is_set() and self.engine.state != "finished":
+                self.status("offline", "stopped")  # a clean disconnect does not fire the last will
             t.stop()
 
     def _drain(self, timeout: float) -> None:

@@ -278,7 +278,9 @@ def test_dp_sgd_site_keeps_its_ledger_across_a_restart_and_refuses_past_its_budg
         _wait(lambda: len(journal.updates(f"{fed_id}-r1-a1")) == 2, 60, "both round 1 updates")
         fed.stop("va")
         after_one = _agent_record(va.state_dir).dp_sgd_spent
-        assert after_one.steps == steps and after_one.level == "sample" and after_one.mechanism == "dp_sgd"
+        # The stop lands after round 1, or after round 2 if that was announced and trained meanwhile.
+        assert after_one.steps in (steps, 2 * steps)
+        assert after_one.level == "sample" and after_one.mechanism == "dp_sgd"
         assert after_one.sampling_rate == batch / rows and after_one.max_epsilon == budget
 
         restarted = fed.start_agent(va)  # a new process on the same state directory
