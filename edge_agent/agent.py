@@ -79,6 +79,7 @@ class EdgeAgent:
         if held is not None and (pending is None or pending.report.round_id != held[0]):
             self.feedback.discard(held[0])  # encoded, then crashed before the update was saved: never sent
         self.current_state: SiteState = "online"
+        self._deferred: RoundCommand | None = None
         self._ack_due: float | None = None
         self._last_heartbeat = 0.0
         self.rejected = 0
@@ -172,7 +173,11 @@ class EdgeAgent:
         if self.state.is_complete(cmd.round_id):
             return
         pending = self.state.record.pending
-        if pending is not None and pending.report.round_id == cmd.round_id:
+        if pending is not None:
+            if pending.report.round_id != cmd.round_id:
+                # Settle the earlier update first (its ack may have been lost in a restart): its
+                # error-feedback residual must be committed or discarded before the next encode.
+                self._deferred = cmd
             self._publish_pending()
             return
         if cmd.deadline + CLOCK_SKEW_GRACE < time.time():
@@ -256,6 +261,9 @@ class EdgeAgent:
         else:
             log.error("the orchestrator refused our update for %s: %s", ack.round_id, ack.reason)
             self.set_status("error", f"update for {ack.round_id} refused: {ack.reason}")
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._on_round(deferred)
 
     def _on_chunk_request(self, req: ChunkRequest) -> None:
         held = self.outbox.get(req.blob_id)

@@ -112,12 +112,12 @@ def split_digits(labels: np.ndarray, num_sites: int = 10, *, seed: int = 0, domi
     per_site: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
     for label in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == label))
-        n_global = int(round(global_test_fraction * rows.size))
+        n_global = round(global_test_fraction * rows.size)
         global_test.append(rows[:n_global])
         pool = rows[n_global:]
         owners = owners_of(int(label), num_sites)
         others = [s for s in range(num_sites) if s not in owners]
-        n_owned = pool.size if not others else int(round(dominance * pool.size))
+        n_owned = pool.size if not others else round(dominance * pool.size)
         for share, site in zip(np.array_split(pool[:n_owned], len(owners)), owners, strict=True):
             per_site[site].append(share)
         rest = pool[n_owned:]
@@ -129,7 +129,7 @@ def split_digits(labels: np.ndarray, num_sites: int = 10, *, seed: int = 0, domi
     sites = {}
     for site, parts in zip(site_ids(num_sites), per_site, strict=True):
         rows = rng.permutation(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
-        n_test = max(1, int(round(site_test_fraction * rows.size))) if rows.size > 1 else 0
+        n_test = max(1, round(site_test_fraction * rows.size)) if rows.size > 1 else 0
         sites[site] = (np.sort(rows[n_test:]), np.sort(rows[:n_test]))
     return DigitsSplit(sites, np.sort(np.concatenate(global_test)))
 

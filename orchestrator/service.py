@@ -138,7 +138,15 @@ class OrchestratorService:
         if before is None or before.state != status.state:
             log.info("site %s is %s%s", site, status.state, f" ({status.detail})" if status.detail else "")
 
+    def _already_stored(self, site: str, report: UpdateReport) -> bool:
+        """A resend of an update we hold (its ack was lost): acknowledge it again, even if the round closed."""
+        stored = next((u for u in self.journal.updates(report.round_id) if u.site == site), None)
+        return stored is not None and stored.blob == (report.update.blob_id if report.update else None)
+
     def _on_report(self, site: str, report: UpdateReport) -> None:
+        if self._already_stored(site, report):
+            self.ack(site, report, accepted=True)
+            return
         try:
             self.engine.check_report(site, report)
         except UpdateRejected as e:
