@@ -34,7 +34,7 @@ from shared.blobstore import BlobStoreError
 from shared.codec import CodecError, apply_model_delta, encode_tensors
 from shared.compression import ErrorFeedback
 from shared.config import AgentSettings
-from shared.onnx_executor import OnnxExecutorError
+from shared.onnx_executor import OnnxExecutorError, running_stat_names
 from shared.onnx_model import (float_initializers, load_model_bytes, model_to_bytes, replace_initializers, sha256_hex,
                                unpack_model)
 from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
@@ -387,6 +387,10 @@ class EdgeAgent:
         """Compress as the round asks; with error feedback, what is not sent now is carried to later rounds."""
         settings = cmd.training.compression
         rng = np.random.default_rng(round_seed(cmd.training.seed, self.site, cmd.round))
+        if settings.mode == "sparse":
+            graph = load_model_bytes(self.state.blobs.get(cmd.model_sha256)).graph
+            settings = settings.model_copy(
+                update={"dense_tensors": tuple(sorted(set(settings.dense_tensors) | running_stat_names(graph)))})
         if settings.mode == "sparse" and settings.error_feedback:
             return self.feedback.encode(delta, settings, update_id=cmd.round_id, rng=rng)
         return encode_tensors(delta, settings, rng=rng)

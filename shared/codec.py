@@ -103,6 +103,9 @@ class CompressionSettings(BaseModel):
     stochastic_rounding: bool = False
     error_feedback: bool = True
     min_sparse_numel: Annotated[int, Field(ge=0)] = 256
+    # Tensors always sent dense whatever their size: BatchNorm running statistics, whose
+    # changes error feedback must not defer (accumulated, they can drive a variance negative).
+    dense_tensors: tuple[str, ...] = ()
     zstd_level: Annotated[int, Field(ge=0, le=MAX_ZSTD_LEVEL)] = 3
 
     @model_validator(mode="after")
@@ -314,7 +317,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], settings: CompressionSetti
     builder = _Builder()
     for name, array in tensors.items():
         with _about(name):
-            if settings.mode == "dense" or array.size < settings.min_sparse_numel:
+            if settings.mode == "dense" or array.size < settings.min_sparse_numel or name in settings.dense_tensors:
                 builder.add_dense(name, array, settings.dense_dtype)
             else:
                 flat = array.reshape(-1)

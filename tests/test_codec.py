@@ -795,3 +795,15 @@ def test_corrupted_compressed_payload_fails_its_checksum() -> None:
     data[len(data) // 2] ^= 0x40
     with pytest.raises(CodecError, match="zstd"):
         decode_tensors(bytes(data), EXPECTED, max_decoded_bytes=LIMIT)
+
+
+def test_tensors_named_dense_are_sent_whole_in_sparse_mode() -> None:
+    """BatchNorm running statistics must not be sparsified (error feedback would defer them)."""
+    rng = np.random.default_rng(3)
+    tensors = {"bn.running_var": rng.random(1000, dtype=np.float32) + 0.5,
+               "fc.weight": rng.standard_normal(1000).astype(np.float32)}
+    settings = CompressionSettings(mode="sparse", topk_fraction=0.01, dense_tensors=("bn.running_var",))
+    decoded = decode_tensors(encode_tensors(tensors, settings), {k: v.shape for k, v in tensors.items()},
+                             max_decoded_bytes=10**6)
+    np.testing.assert_array_equal(decoded["bn.running_var"], tensors["bn.running_var"])
+    assert np.count_nonzero(decoded["fc.weight"]) == 10
