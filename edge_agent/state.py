@@ -12,7 +12,6 @@ or reinstalled agent with the same state directory never starts its budget afres
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path

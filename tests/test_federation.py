@@ -24,10 +24,10 @@ from orchestrator.registry import ModelRegistry
 from shared.blobs import iter_chunks, make_manifest
 from shared.codec import CompressionSettings, encode_tensors
 from shared.config import CommonSettings
-from shared.protocol import (ChunkRequest, ProtocolError, RoundCommand, SiteStatus, UpdateAck, UpdateReport,
-                             parse_message)
+from shared.protocol import (ChunkRequest, RoundCommand, SiteStatus, UpdateAck, UpdateReport)
 from shared.topics import Topics
 from shared.transport import Transport
+from tests.mqtt_helpers import next_message
 
 FLAMBY_FEDAVG_POOLED = 0.748
 
@@ -184,7 +184,7 @@ def test_bad_input_is_logged_and_rejected_without_crashing(mosquitto, tmp_path, 
         impostor.subscribe(topics.to_site_all("cleveland"))
         status = SiteStatus(federation=fed_id, sender="cleveland", state="idle", agent_version="test")
         impostor.publish(topics.site("cleveland", "status"), status.to_bytes(), retain=True)
-        command = _next_message(impostor, RoundCommand)
+        command = next_message(impostor, RoundCommand)
         # 1-3: garbage on a site's topic, an unknown type, a sender forging another site.
         impostor.publish(topics.site("cleveland", "update"), b"{not json")
         impostor.publish(topics.site("cleveland", "update"),
@@ -204,11 +204,11 @@ def test_bad_input_is_logged_and_rejected_without_crashing(mosquitto, tmp_path, 
         bad = bytearray(next(iter_chunks(update, manifest))[1])
         bad[-1] ^= 0xFF
         impostor.publish(topics.site_chunk("cleveland", manifest.blob_id, 0), bytes(bad))
-        request = _next_message(impostor, ChunkRequest, timeout=30)
+        request = next_message(impostor, ChunkRequest, timeout=30)
         assert request.blob_id == manifest.blob_id and request.indices == [0]
         for index, chunk in iter_chunks(update, manifest, request.indices):
             impostor.publish(topics.site_chunk("cleveland", manifest.blob_id, index), chunk)
-        ack = _next_message(impostor, UpdateAck, timeout=30)
+        ack = next_message(impostor, UpdateAck, timeout=30)
         assert ack.accepted and ack.round_id == command.round_id
         fed.wait_finished(timeout=120)
         assert fed.orchestrator.rejected >= 4
@@ -219,18 +219,3 @@ def test_bad_input_is_logged_and_rejected_without_crashing(mosquitto, tmp_path, 
                      "is for federation 'other-federation'", "does not match its sha256"):
         assert expected in text, f"no log line mentioning {expected!r}"
     assert ModelRegistry.open(orch.state_dir).get(1).contributors == {"cleveland": 10, "va": 85}
-
-
-def _next_message(transport: Transport, kind: type, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = transport.get(0.2)
-        if msg is None or Topics.is_chunk(msg.topic):
-            continue
-        try:
-            parsed = parse_message(msg.payload)
-        except ProtocolError:
-            continue
-        if isinstance(parsed, kind):
-            return parsed
-    raise AssertionError(f"no {kind.__name__} within {timeout}s")

@@ -29,9 +29,10 @@ from orchestrator.registry import ModelRegistry
 from shared.config import CommonSettings
 from shared.onnx_executor import OnnxModule
 from shared.onnx_model import float_initializers, load_model_bytes
-from shared.protocol import ProtocolError, RoundSummary, TrainingConfig, parse_message
+from shared.protocol import RoundSummary, TrainingConfig
 from shared.topics import Topics
 from shared.transport import Transport
+from tests.mqtt_helpers import messages
 
 HEART_ROUNDS = 2
 FINETUNE_STEPS = 50
@@ -44,17 +45,11 @@ def _federation_id(name: str) -> str:
 def _summaries(monitor: Transport, expected: int, timeout: float = 20.0) -> list[RoundSummary]:
     """Round summaries received by an operator's monitor, in order; the last one is the final evaluation."""
     found: list[RoundSummary] = []
-    deadline = time.monotonic() + timeout
-    while len(found) < expected and time.monotonic() < deadline:
-        msg = monitor.get(0.2)
-        if msg is None:
-            continue
-        try:
-            parsed = parse_message(msg.payload)
-        except ProtocolError:
-            continue
+    for parsed in messages(monitor, timeout):
         if isinstance(parsed, RoundSummary) and all(parsed.msg_id != s.msg_id for s in found):
             found.append(parsed)
+        if len(found) == expected:
+            break
     assert len(found) == expected, f"{len(found)} round summaries, expected {expected}"
     return sorted(found, key=lambda s: s.round)
 

@@ -23,13 +23,12 @@ from fedmq.inprocess import run_federation
 from orchestrator.registry import ModelRegistry
 from orchestrator.strategies import DPFedAvg, RoundPlan, StrategyConfig, make_strategy
 from shared.codec import decode_tensors
-from shared.config import CommonSettings
 from shared.onnx_model import float_initializers, load_model_bytes
 from shared.privacy.accountant import ClientLevelAccountant, SampleLevelAccountant
 from shared.privacy.dp import split_noise_multiplier
-from shared.protocol import OrchestratorStatus, ProtocolError, RoundSummary, SiteStatus, parse_message
+from shared.protocol import OrchestratorStatus, RoundSummary, SiteStatus
 from shared.topics import Topics
-from shared.transport import Transport
+from tests.mqtt_helpers import retained
 
 SITES = {"cleveland", "hungary", "switzerland", "va"}
 DELTA = 1e-5
@@ -51,25 +50,6 @@ def _stored_update_norms(registry: ModelRegistry) -> dict[tuple[str, str], float
         update = decode_tensors(registry.blobs.get(blob), shapes, max_decoded_bytes=4 * 1024 * 1024)
         norms[(round_id, site)] = math.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in update.values()))
     return norms
-
-
-def _retained(broker_url: str, federation: str, topic: str, kind: type, timeout: float = 10.0):
-    """The retained message of ``kind`` on ``topic``, read as an operator would."""
-    settings = CommonSettings(broker_url=broker_url, federation=federation)
-    with Transport(settings, f"test-monitor-{federation}-{kind.__name__}", persistent_session=False) as monitor:
-        monitor.subscribe(topic)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = monitor.get(0.2)
-            if msg is None:
-                continue
-            try:
-                parsed = parse_message(msg.payload)
-            except ProtocolError:
-                continue
-            if isinstance(parsed, kind):
-                return parsed
-    raise AssertionError(f"no retained {kind.__name__} on {topic}")
 
 
 def test_central_dp_fedavg_clips_updates_and_records_the_accountants_epsilon(mosquitto, tmp_path):
@@ -105,7 +85,7 @@ def test_central_dp_fedavg_clips_updates_and_records_the_accountants_epsilon(mos
     assert set(versions[-1].contributors) == SITES
 
     # Operators see it: the last (final evaluation) summary carries the final version's privacy.
-    summary = _retained(mosquitto.url, "dp-central", Topics("dp-central").round_summary, RoundSummary)
+    summary = retained(mosquitto.url, "dp-central", Topics("dp-central").round_summary, RoundSummary)
     assert summary.evaluated_version == rounds and summary.privacy == versions[-1].privacy
 
 
@@ -125,7 +105,7 @@ def test_distributed_adaptive_dp_fedavg_stops_when_the_budget_is_spent(mosquitto
     assert versions[-1].privacy.epsilon == pytest.approx(accountant.epsilon(), rel=1e-12)
     assert versions[-1].privacy.epsilon <= budget
 
-    status = _retained(mosquitto.url, "dp-distributed", Topics("dp-distributed").orchestrator_status,
+    status = retained(mosquitto.url, "dp-distributed", Topics("dp-distributed").orchestrator_status,
                        OrchestratorStatus)
     assert status.state == "finished"
     assert "stopped before round 3 of 10: privacy budget spent" in status.detail
@@ -295,7 +275,7 @@ def test_dp_sgd_site_keeps_its_ledger_across_a_restart_and_refuses_past_its_budg
         assert "loss_mean" not in stored["va"].report.train_metrics, "DP-SGD site leaked its training loss"
 
         _wait(lambda: restarted.current_state == "error", 60, "the site to refuse round 3")
-        status = _retained(mosquitto.url, fed_id, Topics(fed_id).site("va", "status"), SiteStatus)
+        status = retained(mosquitto.url, fed_id, Topics(fed_id).site("va", "status"), SiteStatus)
         assert [u.site for u in journal.updates(f"{fed_id}-r3-a1")] in ([], ["cleveland"])
     assert status.state == "error" and status.detail.startswith("privacy budget spent: round 3 was refused")
     assert "raises dp_sgd_max_epsilon" in status.detail
