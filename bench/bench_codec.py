@@ -22,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import zstandard
 
+from bench_round import cpu_model
+
 from shared.codec import CompressionSettings, decode_tensors, encode_tensors
 
 
@@ -44,18 +46,6 @@ def resnet18_shapes() -> dict[str, tuple[int, ...]]:
     shapes["fc.weight"] = (1000, 512)
     shapes["fc.bias"] = (1000,)
     return shapes
-
-
-def cpu_model() -> str:
-    """CPU name from /proc/cpuinfo, since platform.processor() is empty on most Linux systems."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def interleaved_medians(actions: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:

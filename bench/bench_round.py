@@ -103,6 +103,7 @@ MIB = 1024 * 1024
 # --- machine -----------------------------------------------------------------------------------
 
 def cpu_model() -> str:
+    """CPU name from /proc/cpuinfo, since platform.processor() is empty on most Linux systems."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +63,24 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _serve(kind: str, settings_cls: type, service_cls: Callable, config: Optional[Path], **overrides: object) -> None:
+    """Load settings (flags > env > file), then run the daemon until a signal stops it."""
+    from pydantic import ValidationError
+
+    from shared.config import load_settings
+    from shared.transport import TransportError
+
+    try:
+        settings = load_settings(settings_cls, config, **overrides)
+    except (ValidationError, FileNotFoundError) as e:
+        _fail(f"invalid {kind} settings: {e}")
+    setup_logging(settings.log_level)
+    try:
+        service_cls(settings).run(_stop_on_signals())
+    except TransportError as e:
+        _fail(str(e))
+
+
 @orchestrator_app.command("run")
 def orchestrator_run(config: Optional[Path] = ConfigOption, state_dir: Optional[Path] = StateOption,
                      broker: Optional[str] = BrokerOption,
@@ -69,22 +88,11 @@ def orchestrator_run(config: Optional[Path] = ConfigOption, state_dir: Optional[
                      rounds: Optional[int] = typer.Option(None, help="Training rounds (FEDMQ_ROUNDS)."),
                      exit_when_done: Optional[bool] = typer.Option(None, help="Exit after the last round.")) -> None:
     """Run rounds until the configured number is reached (then idle, or exit with --exit-when-done)."""
-    from pydantic import ValidationError
-
     from orchestrator.service import OrchestratorService
-    from shared.config import OrchestratorSettings, load_settings
-    from shared.transport import TransportError
+    from shared.config import OrchestratorSettings
 
-    try:
-        settings = load_settings(OrchestratorSettings, config, state_dir=state_dir, broker_url=broker,
-                                 federation=federation, rounds=rounds, exit_when_done=exit_when_done)
-    except (ValidationError, FileNotFoundError) as e:
-        _fail(f"invalid orchestrator settings: {e}")
-    setup_logging(settings.log_level)
-    try:
-        OrchestratorService(settings).run(_stop_on_signals())
-    except TransportError as e:
-        _fail(str(e))
+    _serve("orchestrator", OrchestratorSettings, OrchestratorService, config, state_dir=state_dir, broker_url=broker,
+           federation=federation, rounds=rounds, exit_when_done=exit_when_done)
 
 
 @orchestrator_app.command("health")
@@ -108,22 +116,11 @@ def agent_run(config: Optional[Path] = ConfigOption, state_dir: Optional[Path] =
               data_test: Optional[Path] = typer.Option(None, help="Test CSV (FEDMQ_DATA_TEST)."),
               federation: Optional[str] = typer.Option(None, help="Federation id (FEDMQ_FEDERATION).")) -> None:
     """Join the federation and follow the orchestrator's rounds until stopped."""
-    from pydantic import ValidationError
-
     from edge_agent.agent import EdgeAgent
-    from shared.config import AgentSettings, load_settings
-    from shared.transport import TransportError
+    from shared.config import AgentSettings
 
-    try:
-        settings = load_settings(AgentSettings, config, state_dir=state_dir, broker_url=broker, site_id=site_id,
-                                 data_train=data_train, data_test=data_test, federation=federation)
-    except (ValidationError, FileNotFoundError) as e:
-        _fail(f"invalid agent settings: {e}")
-    setup_logging(settings.log_level)
-    try:
-        EdgeAgent(settings).run(_stop_on_signals())
-    except TransportError as e:
-        _fail(str(e))
+    _serve("agent", AgentSettings, EdgeAgent, config, state_dir=state_dir, broker_url=broker, site_id=site_id,
+           data_train=data_train, data_test=data_test, federation=federation)
 
 
 @agent_app.command("health")
