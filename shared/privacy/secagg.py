@@ -139,17 +139,36 @@ def prg_uint32(seed: bytes, length: int) -> np.ndarray:
     """Expand a 32-byte seed into ``length`` pseudorandom uint32 values (AES-256-CTR keystream).
 
     The keystream is written directly into the array's buffer, so the cost is
-    one AES pass (about 2 GB/s with AES-NI) and no Python-level loop.
+    one AES pass (about 2 GB/s with AES-NI) and no per-element Python loop.
     """
     if not isinstance(seed, bytes) or len(seed) != _SEED_BYTES:
         raise ValueError(f"PRG seed must be {_SEED_BYTES} bytes")
     if not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be a non-negative int, got {length!r}")
+    return _prg_into(seed, _prg_scratch(length), length)
+
+
+# AES-CTR encrypts zeros into the keystream. The zeros are one shared 64 KiB block fed
+# chunk by chunk (CTR continues across update calls) rather than a fresh zeroed array per
+# call, whose page faults cost about as much as the AES pass itself at 100k coordinates.
+_ZERO_BLOCK = memoryview(bytes(1 << 16))
+_CTR_SLACK = 15  # update_into wants block_size - 1 spare output bytes
+
+
+def _prg_scratch(length: int) -> np.ndarray:
+    """An output buffer for :func:`_prg_into`; reuse one across the masks of a vector."""
+    return np.empty(4 * length + _CTR_SLACK, dtype=np.uint8)
+
+
+def _prg_into(seed: bytes, scratch: np.ndarray, length: int) -> np.ndarray:
+    """:func:`prg_uint32` into ``scratch`` (from :func:`_prg_scratch`); the result is a view of it."""
     nbytes = 4 * length
-    out = np.empty(nbytes + 15, dtype=np.uint8)  # update_into wants block_size - 1 spare bytes
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(np.zeros(nbytes, dtype=np.uint8), out)
-    return out[:nbytes].view(_MASK_DTYPE)
+    step = len(_ZERO_BLOCK)
+    for offset in range(0, nbytes, step):
+        size = min(step, nbytes - offset)
+        encryptor.update_into(_ZERO_BLOCK[:size], scratch[offset : offset + size + _CTR_SLACK])
+    return scratch[:nbytes].view(_MASK_DTYPE)
 
 
 def round_index_set(round_seed: bytes, length: int, k: int) -> np.ndarray:
@@ -279,6 +298,7 @@ class SecAggClient:
         self._peers: dict[int, KeyAdvertisement] = {}
         self._seed_shares: dict[int, shamir.Share] = {}
         self._mask_key_shares: dict[int, shamir.Share] = {}
+        self._share_keys: dict[int, bytes] = {}  # per peer, derived once for both directions
 
     def advertise(self) -> KeyAdvertisement:
         """Step 0: this round's signed public keys, to send (or resend) to the server."""
@@ -335,18 +355,20 @@ class SecAggClient:
             self._open_shares(received)
         except SecAggError as err:
             raise self._order.fail(str(err)) from err
+        self._share_keys.clear()  # no longer needed once the shares are open
         u2 = set(self._mask_key_shares)
         if len(u2) < self.config.threshold:
             raise self._order.fail(
                 f"only {len(u2)} sites shared keys, below the threshold {self.config.threshold}"
             )
         masked = vector.astype(np.uint32, copy=True)
-        np.add(masked, prg_uint32(self._self_seed, masked.size), out=masked)
+        scratch = _prg_scratch(masked.size)  # one keystream buffer for all n masks
+        np.add(masked, _prg_into(self._self_seed, scratch, masked.size), out=masked)
         for peer in sorted(u2 - {self.site_id}):
             seed = _pairwise_seed(
                 self._mask_key, self._peers[peer].mask_public, self.config.round_id, self.site_id, peer
             )
-            mask = prg_uint32(seed, masked.size)
+            mask = _prg_into(seed, scratch, masked.size)
             (np.add if self.site_id < peer else np.subtract)(masked, mask, out=masked)
         self._order.stage = _Stage.UNMASK
         return MaskedInput(self.site_id, masked)
@@ -377,10 +399,16 @@ class SecAggClient:
         )
 
     def _share_key(self, peer: int) -> bytes:
-        public = self._peers[peer].encryption_public
-        return _derive_pair_key(
-            self._encryption_key, public, b"share-encryption", self.config.round_id, self.site_id, peer
-        )
+        """The pair's share-encryption key; symmetric, so the key that encrypted this site's shares
+        to ``peer`` also opens ``peer``'s: one X25519 + HKDF per peer and round, not two."""
+        key = self._share_keys.get(peer)
+        if key is None:
+            public = self._peers[peer].encryption_public
+            key = _derive_pair_key(
+                self._encryption_key, public, b"share-encryption", self.config.round_id, self.site_id, peer
+            )
+            self._share_keys[peer] = key
+        return key
 
     def _open_shares(self, received: Sequence[EncryptedShares]) -> None:
         for item in received:
@@ -435,14 +463,21 @@ class SecAggServer:
         for sites that sent none themselves are dropped with those sites.
         """
         self._order.enter(_Stage.SHARE, "route_shares")
+        # Linear in the number of messages: one pass to group, one to check, one to route.
         by_sender: dict[int, list[EncryptedShares]] = {}
         for item in shares:
             by_sender.setdefault(item.sender, []).append(item)
+        peers_of_everyone = len(self._roster) - 1
         for sender, items in by_sender.items():
             if sender not in self._roster:
                 raise self._order.fail(f"shares from site {sender}, which is not in U1")
-            recipients = sorted(i.recipient for i in items)
-            if recipients != sorted(set(self._roster) - {sender}):
+            recipients = {i.recipient for i in items}
+            if (
+                len(items) != peers_of_everyone
+                or len(recipients) != peers_of_everyone
+                or sender in recipients
+                or not recipients <= self._roster.keys()
+            ):
                 raise self._order.fail(f"site {sender} did not send exactly one share set to each peer in U1")
         self._u2 = set(by_sender)
         if len(self._u2) < self.config.threshold:
@@ -450,10 +485,13 @@ class SecAggServer:
                 f"only {len(self._u2)} sites shared keys, below the threshold {self.config.threshold}"
             )
         self._order.stage = _Stage.MASK
-        return {
-            recipient: [i for s in sorted(self._u2) for i in by_sender[s] if i.recipient == recipient]
-            for recipient in sorted(self._u2)
-        }
+        routed: dict[int, list[EncryptedShares]] = {recipient: [] for recipient in sorted(self._u2)}
+        for sender in sorted(self._u2):  # each recipient's list ordered by sender, as before
+            for item in by_sender[sender]:
+                inbox = routed.get(item.recipient)
+                if inbox is not None:
+                    inbox.append(item)
+        return routed
 
     def collect_masked(self, inputs: Sequence[MaskedInput]) -> list[int]:
         """Step 2: accept masked vectors; return U3, the survivors to ask for unmasking shares.
@@ -503,22 +541,38 @@ class SecAggServer:
                 raise SecAggError(f"site {r.site_id} answered for the wrong set of sites")
             if any(s.x != r.site_id for s in (*r.self_seed_shares.values(), *r.mask_key_shares.values())):
                 raise SecAggError(f"site {r.site_id} returned shares that are not its own")
+        # Every secret recovered here is held by the same responders: the Lagrange weights and
+        # the consistency check depend only on their ids, so they are computed once per round.
+        recombiner = shamir.Recombiner(responders, t)
         total = np.zeros(self.config.vector_length, dtype=np.uint32)
+        scratch = _prg_scratch(total.size)  # one keystream buffer for every mask removed
         for site, vector in self._masked.items():
             np.add(total, vector, out=total)
-            seed = shamir.combine([r.self_seed_shares[site] for r in responses], t)
-            np.subtract(total, prg_uint32(seed, total.size), out=total)
+            seed = _recombine(recombiner, [r.self_seed_shares[site] for r in responses], "self seed", site)
+            np.subtract(total, _prg_into(seed, scratch, total.size), out=total)
         for gone in sorted(dropped):
-            raw = shamir.combine([r.mask_key_shares[gone] for r in responses], t)
+            raw = _recombine(recombiner, [r.mask_key_shares[gone] for r in responses], "mask key", gone)
             mask_key = x25519.X25519PrivateKey.from_private_bytes(raw)
             if _raw_public(mask_key) != self._roster[gone].mask_public:
                 raise SecAggError(f"reconstructed mask key of site {gone} does not match its advertisement")
             for site in sorted(u3):
                 # Survivor ``site`` added +PRG if site < gone, -PRG otherwise; undo exactly that.
+                # Per (dropped, survivor) pair one X25519 + HKDF + PRG pass: inherent to the protocol.
                 seed = _pairwise_seed(mask_key, self._roster[site].mask_public, self.config.round_id, site, gone)
-                mask = prg_uint32(seed, total.size)
+                mask = _prg_into(seed, scratch, total.size)
                 (np.subtract if site < gone else np.add)(total, mask, out=total)
         return total
+
+
+def _recombine(recombiner: shamir.Recombiner, shares: list[shamir.Share], what: str, site: int) -> bytes:
+    try:
+        secret = recombiner.combine(shares)
+    except shamir.ShamirError as err:
+        # The message keeps shamir's wording first (callers match on it) and names the secret.
+        raise SecAggError(f"{err} (shares of the {what} of site {site})") from err
+    if len(secret) != _SEED_BYTES:  # self seeds and X25519 private keys are both 32 bytes
+        raise SecAggError(f"the recovered {what} of site {site} has {len(secret)} bytes, expected {_SEED_BYTES}")
+    return secret
 
 
 # --------------------------------------------------------------------------- simulation
@@ -702,3 +756,13 @@ def _as_ring_vector(vector: np.ndarray, length: int | None) -> np.ndarray:
 def _check_site_id(site_id: int) -> None:
     if not isinstance(site_id, int) or isinstance(site_id, bool) or not 1 <= site_id < 2**32:
         raise ValueError(f"site ids must be ints in [1, 2^32), got {site_id!r}")
+
+
+def verify_advertisement(advertisement: KeyAdvertisement, identity_key: IdentityPublicKey, config: RoundConfig) -> None:
+    """Check one site's advertisement on arrival, so a bad one is refused alone instead of failing the roster."""
+    _check_site_id(advertisement.site_id)
+    if len(advertisement.encryption_public) != _KEY_BYTES or len(advertisement.mask_public) != _KEY_BYTES:
+        raise SecAggError(f"site {advertisement.site_id} advertised malformed public keys")
+    message = _advertisement_message(config.round_id, advertisement.site_id, advertisement.encryption_public,
+                                     advertisement.mask_public)
+    _verify(identity_key, advertisement.signature, message, advertisement.site_id)

@@ -9,14 +9,32 @@ dependencies.
 
 Shares are addressed by their x-coordinate, which secure aggregation sets to the
 recipient's round-local site id (a positive integer).
+
+Recombination (:class:`Recombiner`, used by :func:`combine`) does the field
+work that depends only on the holders' x-coordinates once: the Lagrange
+weights at 0 of the first ``t`` holders (one modular inversion for all of
+them, Montgomery's trick) and, when more than ``t`` shares are given, a random
+parity check of the Reed-Solomon code the shares form. Every secret held by
+the same holders (in secure aggregation: every seed and mask key a round
+recovers) then costs two dot products per chunk.
+
+The parity check is a uniformly random codeword ``c`` of the dual code (``c_j
+= f(x_j) / prod_{m != j} (x_j - x_m)`` for a random polynomial ``f`` of degree
+below ``k - t``): shares ``y`` lying on one polynomial of degree below ``t``
+always give ``sum c_j y_j = 0``, and any other ``y`` gives 0 with probability
+exactly ``1 / PRIME``, ``c`` being drawn from the OS CSPRNG after the shares
+are fixed. A corrupted or foreign share among the ``k`` is therefore detected
+except with probability ``2^-521`` per secret, as the exhaustive check (every
+extra share against the interpolated polynomial, ``O(k t)`` per chunk) would.
 """
 
 from __future__ import annotations
 
+import operator
 import random
 import secrets
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 PRIME = 2**521 - 1
@@ -116,41 +134,137 @@ def split(
 def combine(shares: Sequence[Share], t: int) -> bytes:
     """Recover the secret from at least ``t`` shares.
 
-    Shares beyond the first ``t`` are checked against the interpolated
-    polynomial, so a corrupted or mismatched share is reported instead of
-    silently yielding a wrong secret.
+    Shares beyond the first ``t`` are checked for consistency (see the module
+    docstring), so a corrupted or mismatched share is reported instead of
+    silently yielding a wrong secret. To recover several secrets held by the
+    same holders, build one :class:`Recombiner` and reuse it.
     """
     if t < 1:
         raise ShamirError(f"threshold must be >= 1, got {t}")
-    distinct = {s.x: s for s in shares}
-    if len(distinct) != len(shares):
-        raise ShamirError("duplicate share x-coordinates")
-    if len(shares) < t:
-        raise ShamirError(f"need at least {t} shares to recover the secret, got {len(shares)}")
-    lengths = {s.secret_length for s in shares}
-    counts = {len(s.values) for s in shares}
-    if len(lengths) != 1 or len(counts) != 1:
-        raise ShamirError("shares belong to different secrets")
-    secret_length = lengths.pop()
-    if counts.pop() != _chunk_count(secret_length):
-        raise ShamirError("share chunk count does not match the secret length")
-    basis, extra = list(shares[:t]), list(shares[t:])
-    xs = [s.x for s in basis]
-    chunks = []
-    for i in range(len(basis[0].values)):
-        ys = [s.values[i] for s in basis]
-        chunks.append(_interpolate(xs, ys, 0))
-        if any(_interpolate(xs, ys, s.x) != s.values[i] for s in extra):
-            raise ShamirError("shares are inconsistent: at least one is corrupted or foreign")
-    out = bytearray()
-    remaining = secret_length
-    for chunk in chunks:
-        width = min(_CHUNK_BYTES, remaining)
-        if chunk >= 1 << (8 * width):
-            raise ShamirError("reconstructed value does not fit the secret length")
-        out += chunk.to_bytes(width, "big")
-        remaining -= width
-    return bytes(out)
+    return Recombiner([s.x for s in shares], t).combine(shares)
+
+
+class Recombiner:
+    """Recombines any number of secrets whose shares are held by the same ``xs``.
+
+    Construction costs ``O(k^2)`` field multiplications and two modular
+    inversions for ``k = len(xs)`` holders; each :meth:`combine` then costs
+    ``k + t`` multiplications per 64-byte chunk. ``rng`` (tests only) draws the
+    parity check; by default it comes from the OS CSPRNG, which is what makes
+    the check sound against shares chosen by an adversary.
+    """
+
+    __slots__ = ("_check", "_index", "_weights", "t", "xs")
+
+    def __init__(self, xs: Sequence[int], t: int, rng: random.Random | None = None) -> None:
+        if t < 1:
+            raise ShamirError(f"threshold must be >= 1, got {t}")
+        coords = tuple(int(x) for x in xs)
+        if len(set(coords)) != len(coords):
+            raise ShamirError("duplicate share x-coordinates")
+        if len(coords) < t:
+            raise ShamirError(f"need at least {t} shares to recover the secret, got {len(coords)}")
+        if not all(0 < x < PRIME for x in coords):
+            raise ShamirError("share coordinates are outside the field")
+        self.xs = coords
+        self.t = t
+        self._index = {x: i for i, x in enumerate(coords)}
+        self._weights = lagrange_weights_at_zero(coords[:t])
+        self._check = _dual_codeword(coords, t, rng) if len(coords) > t else None
+
+    def combine(self, shares: Sequence[Share]) -> bytes:
+        """Recover one secret from one share per holder (any order), checking their consistency."""
+        shares = self._in_holder_order(shares)
+        lengths = {s.secret_length for s in shares}
+        counts = {len(s.values) for s in shares}
+        if len(lengths) != 1 or len(counts) != 1:
+            raise ShamirError("shares belong to different secrets")
+        secret_length = lengths.pop()
+        if counts.pop() != _chunk_count(secret_length):
+            raise ShamirError("share chunk count does not match the secret length")
+        weights, check, t = self._weights, self._check, self.t
+        out = bytearray()
+        remaining = secret_length
+        for column in zip(*(s.values for s in shares), strict=True):
+            if check is not None and sum(map(operator.mul, check, column)) % PRIME:
+                raise ShamirError("shares are inconsistent: at least one is corrupted or foreign")
+            chunk = sum(map(operator.mul, weights, column[:t])) % PRIME
+            width = min(_CHUNK_BYTES, remaining)
+            if chunk >= 1 << (8 * width):
+                raise ShamirError("reconstructed value does not fit the secret length")
+            out += chunk.to_bytes(width, "big")
+            remaining -= width
+        return bytes(out)
+
+    def _in_holder_order(self, shares: Sequence[Share]) -> Sequence[Share]:
+        if len(shares) == len(self.xs) and all(s.x == x for s, x in zip(shares, self.xs, strict=True)):
+            return shares
+        ordered: list[Share | None] = [None] * len(self.xs)
+        for s in shares:
+            i = self._index.get(s.x)
+            if i is None or ordered[i] is not None:
+                raise ShamirError(f"share from holder {s.x} does not match the expected holders")
+            ordered[i] = s
+        if any(s is None for s in ordered):
+            raise ShamirError(f"expected one share from each of {len(self.xs)} holders, got {len(shares)}")
+        return ordered  # type: ignore[return-value]
+
+
+def lagrange_weights_at_zero(xs: Sequence[int]) -> list[int]:
+    """``w_j`` with ``P(0) = sum_j w_j P(x_j)`` for every polynomial ``P`` of degree below ``len(xs)``.
+
+    ``w_j = prod_{m != j} x_m / (x_m - x_j)``: ``O(len(xs)^2)`` multiplications
+    and a single modular inversion for all the denominators.
+    """
+    xs = [x % PRIME for x in xs]
+    numerators = _products_except_each(xs)
+    denominators = [_product((xm - xj) for m, xm in enumerate(xs) if m != j) for j, xj in enumerate(xs)]
+    return [n * d % PRIME for n, d in zip(numerators, batch_inverse(denominators), strict=True)]
+
+
+def batch_inverse(values: Sequence[int]) -> list[int]:
+    """Inverses of non-zero field elements with one modular exponentiation (Montgomery's trick)."""
+    prefix = [1] * (len(values) + 1)
+    for i, v in enumerate(values):
+        prefix[i + 1] = prefix[i] * v % PRIME
+    if prefix[-1] == 0:
+        raise ShamirError("cannot invert zero: x-coordinates collide in the field")
+    inverse = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * values[i] % PRIME
+    return out
+
+
+def _dual_codeword(xs: Sequence[int], t: int, rng: random.Random | None) -> list[int]:
+    """A uniformly random codeword of the dual of the length-``len(xs)``, dimension-``t`` RS code."""
+    draw = rng.randrange if rng is not None else secrets.randbelow
+    coefficients = [0]
+    while not any(coefficients):  # the zero codeword would check nothing
+        coefficients = [draw(PRIME) for _ in range(len(xs) - t)]
+    column_multipliers = batch_inverse(
+        [_product((xj - xm) for m, xm in enumerate(xs) if m != j) for j, xj in enumerate(xs)]
+    )
+    return [v * _evaluate(coefficients, x) % PRIME for v, x in zip(column_multipliers, xs, strict=True)]
+
+
+def _products_except_each(values: Sequence[int]) -> list[int]:
+    suffix = [1] * (len(values) + 1)
+    for i in range(len(values) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] * values[i] % PRIME
+    out, prefix = [], 1
+    for i, v in enumerate(values):
+        out.append(prefix * suffix[i + 1] % PRIME)
+        prefix = prefix * v % PRIME
+    return out
+
+
+def _product(values: Iterable[int]) -> int:
+    acc = 1
+    for v in values:
+        acc = acc * v % PRIME
+    return acc
 
 
 def _evaluate(coefficients: list[int], x: int) -> int:
@@ -158,15 +272,3 @@ def _evaluate(coefficients: list[int], x: int) -> int:
     for c in reversed(coefficients):
         acc = (acc * x + c) % PRIME
     return acc
-
-
-def _interpolate(xs: list[int], ys: list[int], at: int) -> int:
-    total = 0
-    for j, (xj, yj) in enumerate(zip(xs, ys, strict=True)):
-        num, den = 1, 1
-        for m, xm in enumerate(xs):
-            if m != j:
-                num = num * (at - xm) % PRIME
-                den = den * (xj - xm) % PRIME
-        total = (total + yj * num * pow(den, -1, PRIME)) % PRIME
-    return total
