@@ -25,7 +25,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
-from edge_agent.data import DataError, LocalDataset, load_dataset
+from edge_agent.data import DataError, LocalDataset, count_rows, load_dataset
+from edge_agent.secure_update import SecureUpdate, SecureUpdateError, SiteIdentity
 from edge_agent.state import AgentState
 from edge_agent.trainer import DPSGDConfig, TrainingError, check_private_training, evaluate, finetune, warm_up, \
     planned_steps, train
@@ -38,8 +39,10 @@ from shared.onnx_executor import OnnxExecutorError, running_stat_names
 from shared.onnx_model import (float_initializers, load_model_bytes, model_to_bytes, replace_initializers, sha256_hex,
                                unpack_model)
 from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
-from shared.protocol import (ChunkRequest, PrivacySpent, ProtocolError, RoundCommand, SiteState, SiteStatus, TaskSpec,
-                             TrainingConfig, UpdateAck, UpdateReport, parse_message)
+from shared.privacy.secagg_layout import MASKED_MEDIA_TYPE, UpdateLayout, quantize_update, site_weight
+from shared.protocol import (ChunkRequest, PrivacySpent, ProtocolError, RoundCommand, SecAggRoster, SecAggShares,
+                             SecAggUnmask, SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport,
+                             parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
@@ -67,6 +70,7 @@ class EdgeAgent:
         self.state = AgentState(settings.state_dir)
         self.command: RoundCommand | None = None
         self._data: tuple[TaskSpec, LocalDataset] | None = None
+        self._rows = count_rows(settings.data_train)
         offline = self._status_message("offline")
         self.transport = Transport(settings, f"fedmq-{settings.federation}-{self.site}",
                                    will=(self.topics.site(self.site, "status"), offline.to_bytes()),
@@ -80,6 +84,7 @@ class EdgeAgent:
             self.feedback.discard(held[0])  # encoded, then crashed before the update was saved: never sent
         self.current_state: SiteState = "online"
         self._deferred: RoundCommand | None = None
+        self.secure: SecureUpdate | None = None  # this site's part in the open secure-aggregation round
         self._ack_due: float | None = None
         self._last_heartbeat = 0.0
         self.rejected = 0
@@ -92,6 +97,7 @@ class EdgeAgent:
         t.start()
         t.subscribe(self.topics.round)
         t.subscribe(self.topics.broadcast_chunks)
+        t.subscribe(self.topics.secagg)
         t.subscribe(self.topics.to_site_all(self.site))
         self.set_status("idle")
         if self.state.record.pending is not None:
@@ -135,7 +141,7 @@ class EdgeAgent:
         return SiteStatus(federation=self.settings.federation, sender=self.site, state=state,
                           agent_version=AGENT_VERSION, model_version=self.state.record.model_version,
                           round_id=self.command.round_id if self.command else None,
-                          num_samples=self._data[1].num_train if self._data else None, detail=detail,
+                          num_samples=self._data[1].num_train if self._data else self._rows, detail=detail,
                           privacy=self._sample_privacy())
 
     def _sample_privacy(self) -> PrivacySpent | None:
@@ -165,6 +171,8 @@ class EdgeAgent:
                 self._on_ack(message)
             elif isinstance(message, ChunkRequest):
                 self._on_chunk_request(message)
+            elif isinstance(message, SecAggRoster | SecAggShares | SecAggUnmask):
+                self._on_secure_step(message)
         except (ProtocolError, ChunkError) as e:
             self.rejected += 1
             log.warning("rejected a message on %s: %s", msg.topic, e)
@@ -265,6 +273,36 @@ class EdgeAgent:
         if deferred is not None:
             self._on_round(deferred)
 
+    def _on_secure_step(self, message: SecAggRoster | SecAggShares | SecAggUnmask) -> None:
+        """Answer the orchestrator's next secure-aggregation step for the round this site is in."""
+        session = self.secure
+        if session is None or message.round_id != session.round_id:
+            if isinstance(message, SecAggUnmask) and self.site in message.survivors:
+                log.warning("asked to unmask %s, but this agent no longer holds that round's keys (restarted?); "
+                            "the other sites' shares stand in for ours", message.round_id)
+            return
+        try:
+            if isinstance(message, SecAggRoster):
+                if self.site not in {k.site for k in message.keys}:
+                    raise SecureUpdateError("the roster does not include this site's keys (they came too late)")
+                self.transport.publish(self.topics.site(self.site, "secagg"), session.on_roster(message).to_bytes())
+            elif isinstance(message, SecAggShares):
+                blob = session.on_shares(message)
+                report = session.report.model_copy(
+                    update={"update": make_manifest(blob, MASKED_MEDIA_TYPE, self.settings.chunk_size)})
+                self.state.set_pending(report, blob)
+                self._publish_pending()
+            elif self.site in message.survivors:
+                self.transport.publish(self.topics.site(self.site, "secagg"), session.on_unmask(message).to_bytes())
+                self.secure = None
+            else:
+                log.warning("round %s went on without this site's masked update", message.round_id)
+                self.secure = None
+        except SecureUpdateError as e:
+            log.error("secure aggregation, round %s: %s", message.round_id, e)
+            self.secure = None
+            self.set_status("error", f"secure aggregation: {e}")
+
     def _on_chunk_request(self, req: ChunkRequest) -> None:
         held = self.outbox.get(req.blob_id)
         if held is None:
@@ -329,9 +367,10 @@ class EdgeAgent:
                     delta = {k: np.zeros_like(v) if k in local else v for k, v in delta.items()}
                 if cfg.dp_clip_norm is not None:
                     delta, unclipped = _clip_and_noise(delta, cfg)
-                blob = self._encode_update(delta, cmd)
-                manifest = make_manifest(blob, UPDATE_MEDIA_TYPE, self.settings.chunk_size)
                 metrics, seconds = result.metrics, result.seconds
+                if cfg.secure_aggregation is None:
+                    blob = self._encode_update(delta, cmd)
+                    manifest = make_manifest(blob, UPDATE_MEDIA_TYPE, self.settings.chunk_size)
         except (DataError, TrainingError) as e:
             log.error("cannot take part in %s: %s", cmd.round_id, e)
             self.set_status("error", str(e))
@@ -342,8 +381,36 @@ class EdgeAgent:
                               update=manifest, train_metrics=metrics, evaluation=evaluation,
                               personalized=personalized, train_seconds=seconds, dp_unclipped=unclipped,
                               privacy=self._sample_privacy())
+        if cmd.kind == "train" and cfg.secure_aggregation is not None:
+            self._begin_secure(cmd, delta, report)
+            return
         self.state.set_pending(report, blob)
         self._publish_pending()
+
+    def _begin_secure(self, cmd: RoundCommand, delta: dict[str, np.ndarray], report: UpdateReport) -> None:
+        """Quantize the update into the round's shared layout and advertise this site's keys for it."""
+        sa = cmd.training.secure_aggregation
+        assert sa is not None
+        try:
+            identity = SiteIdentity.from_settings(self.settings)
+            layout = UpdateLayout.for_round({k: v.shape for k, v in delta.items()}, cmd.training.local_parameters, sa)
+            vector = layout.pack(delta, site_weight(sa, report.num_samples))
+            rng = np.random.default_rng(round_seed(cmd.training.seed, self.site, cmd.round))
+            quantized, saturated = quantize_update(vector, sa, len(cmd.selected), rng)
+        except (SecureUpdateError, ValueError) as e:
+            log.error("cannot take part in %s: %s", cmd.round_id, e)
+            self.set_status("error", str(e))
+            self.command = None
+            return
+        if saturated:
+            log.warning("round %d: %d update coordinates exceed the secure-aggregation bound %g and were clipped "
+                        "to it; ask the orchestrator for a larger secure_aggregation.bound", cmd.round, saturated,
+                        sa.bound)
+        report = report.model_copy(update={"train_metrics": {**report.train_metrics,
+                                                             "secagg_saturated": float(saturated)}})
+        self.secure = SecureUpdate(self.site, cmd, quantized, report, identity)
+        self.transport.publish(self.topics.site(self.site, "secagg"), self.secure.advert().to_bytes())
+        self.set_status("uploading", f"round {cmd.round}: secure aggregation keys sent")
 
     def _charge_dp_sgd(self, cmd: RoundCommand, data: LocalDataset) -> DPSGDConfig | None:
         """Charge this round's DP-SGD steps to the site's ledger before any of them is taken.

@@ -16,13 +16,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from shared.broker import Broker, start_embedded_broker
-from shared.config import AgentSettings, CommonSettings, OrchestratorSettings
+from shared.config import AgentSettings, CommonSettings, OrchestratorSettings, SecureAggregationSettings
+from shared.pki import FederationPki
 from shared.protocol import (OrchestratorStatus, ProtocolError, RoundSummary, SiteStatus, TrainingConfig,
                              parse_message)
 from shared.topics import Topics
@@ -46,6 +48,7 @@ class DemoOptions:
     seed: int = 0
     round_timeout: float = 300.0
     timeout: float = 1800.0
+    secure_aggregation: bool = False
 
 
 @dataclass
@@ -91,6 +94,23 @@ def heart_settings(broker_url: str, root: Path, opts: DemoOptions, *, mqtt_versi
                             data_train=DATA_DIR / f"{site}_train.csv", data_test=DATA_DIR / f"{site}_test.csv")
               for site in sites]
     return orchestrator, agents
+
+
+def with_secure_aggregation(orchestrator: OrchestratorSettings, agents: list[AgentSettings], pki_dir: Path,
+                            **options: Any) -> tuple[OrchestratorSettings, list[AgentSettings]]:
+    """The same federation with secure aggregation: a federation PKI, a certificate per hospital.
+
+    The certificates here serve only to sign each site's round keys (the demo broker runs
+    without TLS); in production the agents' TLS identities from ``fedmq pki`` do both jobs.
+    """
+    pki = FederationPki.init(pki_dir, orchestrator.federation)
+    secure = SecureAggregationSettings(enabled=True, identity_ca=pki.ca_cert_path, **options)
+    signed = []
+    for agent in agents:
+        issued = pki.issue_site(agent.site_id)
+        signed.append(agent.model_copy(update={"identity_cert": issued.cert_path, "identity_key": issued.key_path,
+                                               "identity_ca": pki.ca_cert_path}))
+    return orchestrator.model_copy(update={"secure_aggregation": secure}), signed
 
 
 def _spawn(args: list[str], settings: CommonSettings, log_path: Path) -> subprocess.Popen:
@@ -143,6 +163,9 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
         url = opts.broker_url or broker.url
         mqtt_version = "3.1.1" if broker is not None and broker.kind == "amqtt" else "5"
         orchestrator, agents = heart_settings(url, root, opts, mqtt_version=mqtt_version)
+        if opts.secure_aggregation:
+            orchestrator, agents = with_secure_aggregation(orchestrator, agents, root / "pki")
+            console.print("secure aggregation on: the orchestrator will see only the sum of the updates")
         procs.append(_spawn(["orchestrator", "run"], orchestrator, root / "orchestrator.log"))
         for agent in agents:
             procs.append(_spawn(["agent", "run"], agent, root / f"{agent.site_id}.log"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,22 +27,26 @@ import numpy as np
 from orchestrator.journal import RoundJournal, RoundRecord
 from orchestrator.registry import ModelRegistry, ModelVersion, pool_metrics
 from orchestrator.sampling import NotEnoughSites, select_sites
-from orchestrator.strategies import Strategy
+from orchestrator.secure_round import SecAggPublisher, SecureRound, SecureRoundError
+from orchestrator.strategies import SECURE_SUM_STRATEGIES, Strategy
 from orchestrator.strategies.dp_fedavg import DPFedAvg, PrivateSum, RoundPlan
 from shared.blobs import make_manifest
 from shared.codec import CodecError, decode_tensors, encode_model_delta
 from shared.onnx_executor import OnnxModule
 from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, pack_model, replace_initializers
 from shared.config import OrchestratorSettings
-from shared.protocol import (BlobManifest, EvalMetrics, ModelDelta, RoundCommand, TaskSpec, TrainingConfig,
-                             UpdateReport)
+from shared.pki import load_ca_certificate
+from shared.privacy.secagg_layout import UpdateLayout
+from shared.protocol import (BlobManifest, EvalMetrics, ModelDelta, RoundCommand, SecAggAdvert, SecAggReveal,
+                             SecAggShares, SecureAggregationRound, TaskSpec, TrainingConfig, UpdateReport)
 
 log = logging.getLogger(__name__)
 
 
-class RoundPublisher(Protocol):
+class RoundPublisher(SecAggPublisher, Protocol):
     """What the engine asks of the network side (the service implements it over MQTT)."""
 
+    def announced_samples(self, site: str) -> int | None: ...
     def announce(self, command: RoundCommand, blobs: dict[str, bytes]) -> None: ...
     def model_published(self, version: ModelVersion) -> None: ...
     def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
@@ -60,6 +65,7 @@ class _Open:
     command: RoundCommand
     expected_shapes: dict[str, tuple[int, ...]]
     reported: set[str] = field(default_factory=set)
+    secure: SecureRound | None = None
 
 
 DELTA_WORTH_IT = 0.9  # send the exact delta only when it is clearly smaller than the packed model
@@ -96,6 +102,13 @@ class RoundEngine:
         # Client-level DP needs more of the engine than the generic Strategy interface offers: the
         # round's size for noise shares, the sites' clipping reports, the budget, the privacy record.
         self._private = strategy if isinstance(strategy, DPFedAvg) else None
+        self._ca = None
+        if settings.secure_aggregation.enabled:
+            if strategy.name not in SECURE_SUM_STRATEGIES:
+                raise ValueError(f"strategy {strategy.name!r} needs each site's update, but secure aggregation "
+                                 f"reveals only their sum; use one of {sorted(SECURE_SUM_STRATEGIES)}")
+            assert settings.identity_ca is not None  # OrchestratorSettings checks it
+            self._ca = load_ca_certificate(settings.identity_ca)
 
     # start-up ---------------------------------------------------------------------------------
     def start(self, initial_model: Callable[[], bytes]) -> None:
@@ -113,6 +126,12 @@ class RoundEngine:
         elif latest.strategy_state:
             self.strategy.load_state(_load_state(self.registry.blobs.get(latest.strategy_state)))
         record = self.journal.open_round()
+        if record is not None and TrainingConfig.model_validate(record.training).secure_aggregation is not None:
+            detail = ("the orchestrator restarted during secure aggregation, whose keys live only in memory; "
+                      "retrying the round with fresh keys")
+            log.warning("round %d attempt %d: %s", record.round, record.attempt, detail)
+            self.journal.fail(record.round_id, detail)
+            record = None
         if record is not None:
             grace = min(self.settings.round_timeout, 60.0)
             if record.deadline < self.clock() + grace:
@@ -131,13 +150,35 @@ class RoundEngine:
         """A train round's size: sites asked, and the fewest reports ``tick`` will aggregate it with."""
         return RoundPlan(selected=len(selected), min_reports=min(self.settings.effective_quorum, len(selected)))
 
-    def _training(self, model: bytes, selected: list[str]) -> TrainingConfig:
+    def _training(self, model: bytes, selected: list[str], kind: str) -> TrainingConfig:
         """The configured training settings plus what the strategy and personalization add."""
         overrides = dict(self._private.round_overrides(self._plan(selected)) if self._private
                          else self.strategy.training_overrides())
         if self.settings.fedbn:
             overrides["local_parameters"] = sorted(OnnxModule(load_model_bytes(model)).batchnorm_names())
+        if self.settings.secure_aggregation.enabled and kind == "train":
+            overrides["secure_aggregation"] = self._secure_round_settings(selected)
         return self.settings.training.model_copy(update=overrides) if overrides else self.settings.training
+
+    def _secure_round_settings(self, selected: list[str]) -> SecureAggregationRound:
+        """The round's secure-aggregation parameters: a fresh index seed, the threshold, the weights' scale."""
+        cfg = self.settings.secure_aggregation
+        majority = len(selected) // 2 + 1
+        threshold = max(cfg.threshold or majority, majority, 2)
+        if cfg.threshold is not None and cfg.threshold < threshold:
+            log.warning("secure aggregation threshold %d raised to %d: it must be a strict majority of the %d "
+                        "selected sites, or the orchestrator could unmask a single update", cfg.threshold,
+                        threshold, len(selected))
+        samples = {s: self.publisher.announced_samples(s) for s in selected}
+        weighting = "uniform" if self._private else "samples"
+        unknown = sorted(s for s, n in samples.items() if not n)
+        if weighting == "samples" and unknown:
+            log.warning("sites %s announced no sample count: this secure round weighs every site equally", unknown)
+            weighting = "uniform"
+        return SecureAggregationRound(
+            threshold=threshold, bound=cfg.bound, index_fraction=cfg.index_fraction,
+            index_seed=secrets.token_hex(32), weighting=weighting,
+            sample_total=max(1, sum(n or 0 for n in samples.values())), phase_timeout=cfg.phase_timeout)
 
     def _downlink(self, version: ModelVersion, model: bytes) -> tuple[BlobManifest, ModelDelta | None, dict[str, bytes]]:
         """The packed full model, and the exact delta from its parent (what most sites hold)."""
@@ -165,8 +206,14 @@ class RoundEngine:
             round_id=record.round_id, kind=record.kind, model_version=version.version, model_sha256=version.sha256,
             model=full, model_delta=delta, selected=record.selected,
             training=TrainingConfig.model_validate(record.training), task=self._task(), deadline=record.deadline)
+        secure = None
+        if command.training.secure_aggregation is not None:
+            assert self._ca is not None, "secure aggregation rounds need the federation CA"
+            layout = UpdateLayout.for_round(shapes, command.training.local_parameters,
+                                            command.training.secure_aggregation)
+            secure = SecureRound(command, layout, self._ca, self.clock)
         self.current = _Open(record, command, shapes,
-                             reported={u.site for u in self.journal.updates(record.round_id)})
+                             reported={u.site for u in self.journal.updates(record.round_id)}, secure=secure)
         self.state = "collecting" if record.kind == "train" else "evaluating"
         self.publisher.announce(command, blobs)
         self.publisher.status(self.state)
@@ -185,6 +232,18 @@ class RoundEngine:
             return
         rec = self.current.record
         selected = set(rec.selected)
+        secure = self.current.secure
+        if secure is not None:
+            phase = secure.phase
+            secure.advance(self.publisher, min(self.settings.effective_quorum, len(selected)))
+            if secure.phase == "done":
+                self._close()
+            elif secure.phase == "failed":
+                self._fail(secure.failure or "secure aggregation failed")
+            elif secure.phase != phase:
+                self.publisher.status(self.state, f"secure aggregation: {secure.phase} phase, waiting for "
+                                                  f"{secure.waiting_for}")
+            return
         if self.current.reported >= selected:
             self._close()
         elif self.clock() >= rec.deadline:
@@ -195,13 +254,18 @@ class RoundEngine:
                             sorted(selected - self.current.reported))
                 self._close()
             else:
-                detail = (f"missed its quorum: {len(self.current.reported)}/{len(selected)} reports by the deadline, "
-                          f"{quorum} needed; missing {sorted(selected - self.current.reported)}")
-                log.error("round %d attempt %d %s; retrying", rec.round, rec.attempt, detail)
-                self.journal.fail(rec.round_id, detail)
-                self.current = None
-                self.state = "waiting"
-                self.publisher.status("waiting", f"round {rec.round} attempt {rec.attempt} {detail}")
+                self._fail(f"missed its quorum: {len(self.current.reported)}/{len(selected)} reports by the "
+                           f"deadline, {quorum} needed; missing {sorted(selected - self.current.reported)}")
+
+    def _fail(self, detail: str) -> None:
+        """End the open attempt without a new version; the next tick announces a fresh attempt."""
+        assert self.current is not None
+        rec = self.current.record
+        log.error("round %d attempt %d %s; retrying", rec.round, rec.attempt, detail)
+        self.journal.fail(rec.round_id, detail)
+        self.current = None
+        self.state = "waiting"
+        self.publisher.status("waiting", f"round {rec.round} attempt {rec.attempt} {detail}")
 
     def _maybe_announce(self, online: set[str]) -> None:
         round_no = self._next_round()
@@ -245,7 +309,7 @@ class RoundEngine:
         record = self.journal.begin(
             round_id=f"{self.settings.federation}-{tag}{round_no}-a{attempt}", round=round_no, attempt=attempt,
             kind=kind, base_version=latest.version, selected=selected,
-            training=self._training(self.registry.blobs.get(latest.sha256), selected).model_dump(mode="json"),
+            training=self._training(self.registry.blobs.get(latest.sha256), selected, kind).model_dump(mode="json"),
             deadline=self.clock() + self.settings.round_timeout)
         log.info("round %d attempt %d (%s): model v%d to %s", round_no, attempt, kind, latest.version, selected)
         self._open(record)
@@ -270,11 +334,32 @@ class RoundEngine:
                                  "whether the update was within dp_clip_norm (dp_unclipped); upgrade the agent")
         return cur.record
 
+    def on_secure_message(self, site: str, message: SecAggAdvert | SecAggShares | SecAggReveal) -> None:
+        """A site's key advertisement, sealed shares or unmasking shares; SecureRoundError if unusable."""
+        cur = self.current
+        if cur is None or cur.secure is None or message.round_id != cur.record.round_id:
+            raise SecureRoundError(f"round {message.round_id} is not an open secure-aggregation round")
+        if isinstance(message, SecAggAdvert):
+            cur.secure.on_advert(site, message)
+        elif isinstance(message, SecAggShares):
+            cur.secure.on_shares(site, message)
+        else:
+            cur.secure.on_reveal(site, message)
+
     def accept(self, site: str, report: UpdateReport, update: bytes | None) -> bool:
         """Validate and store an update; returns False when it was a duplicate (already stored)."""
         record = self.check_report(site, report)
         blob = None
-        if update is not None:
+        secure = self.current.secure
+        if secure is not None and record.kind == "train":
+            if update is None:
+                raise UpdateRejected("a secure-aggregation round needs the masked update")
+            try:
+                secure.accept_masked(site, update)
+            except SecureRoundError as e:
+                raise UpdateRejected(str(e)) from None
+            blob = self.registry.blobs.put(update)
+        elif update is not None:
             try:
                 shapes = self.current.expected_shapes
                 decode_tensors(update, shapes, max_decoded_bytes=dense_bytes(shapes))
@@ -298,7 +383,9 @@ class RoundEngine:
         new_version: ModelVersion | None = None
         if rec.kind == "train":
             self.publisher.status("aggregating")
-            new_version = self._aggregate(rec, updates)
+            secure = self.current.secure
+            new_version = self._aggregate(rec, updates) if secure is None else self._aggregate_secure(rec, updates,
+                                                                                                        secure)
         else:
             with self.registry.conn:
                 self.journal.close(rec.round_id, None)
@@ -332,14 +419,40 @@ class RoundEngine:
             aggregation.add(u.site, u.num_samples, delta)
             if isinstance(aggregation, PrivateSum) and u.report.dp_unclipped is not None:
                 aggregation.record_clipping(u.site, u.report.dp_unclipped)
-        new_weights = aggregation.finish()
+        return self._new_version(rec, base_model, aggregation.finish(), {u.site: u.num_samples for u in updates})
+
+    def _aggregate_secure(self, rec: RoundRecord, updates: list, secure: SecureRound) -> ModelVersion:
+        """The strategy's server step on the unmasked mean: the only thing secure aggregation reveals."""
+        base_model = load_model_bytes(self.registry.model_bytes(rec.base_version))
+        weights = float_initializers(base_model)
+        result = secure.result
+        assert result is not None
+        aggregated = set(result.mean)
+        if self._private:
+            aggregation = self._private.begin_round(weights, aggregated_names=aggregated, plan=self._plan(rec.selected))
+            reports = {u.site: u.report for u in updates}
+            aggregation.add_secure_mean(result.contributors, result.mean,
+                                        {s: bool(reports[s].dp_unclipped) for s in result.contributors
+                                         if s in reports})
+        else:
+            aggregation = self.strategy.begin_round(weights, aggregated_names=aggregated)
+            # The mean stands for every survivor: one fold with weight 1 is the mean itself.
+            aggregation.add("secure-sum", 1, result.mean)
+        samples = {u.site: u.num_samples for u in updates}
+        log.info("round %d: securely aggregated %d sites (summed weight %.4g)", rec.round, len(result.contributors),
+                 result.weight)
+        return self._new_version(rec, base_model, aggregation.finish(),
+                                 {s: samples.get(s, 0) for s in result.contributors})
+
+    def _new_version(self, rec: RoundRecord, base_model, new_weights: dict[str, np.ndarray],
+                     contributors: dict[str, int]) -> ModelVersion:
         model = model_to_bytes(replace_initializers(base_model, new_weights))
         state = self.strategy.state()
         state_sha = self.registry.blobs.put(_dump_state(state)) if state else None
         privacy = self._private.privacy_spent() if self._private else None
         with self.registry.conn:
             version = self.registry.add_version(
-                model, parent=rec.base_version, round=rec.round, contributors={u.site: u.num_samples for u in updates},
+                model, parent=rec.base_version, round=rec.round, contributors=contributors,
                 strategy=self.strategy.config().model_dump(), training=rec.training, strategy_state=state_sha,
                 privacy=privacy)
             self.journal.close(rec.round_id, version.version)

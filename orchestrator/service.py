@@ -19,12 +19,14 @@ from orchestrator.architectures import build_onnx, load_user_model
 from orchestrator.journal import RoundJournal, RoundRecord
 from orchestrator.registry import ModelRegistry, ModelVersion, open_database, pool_metrics
 from orchestrator.rounds import RoundEngine, UpdateRejected
+from orchestrator.secure_round import SecureRoundError
 from orchestrator.strategies import StrategyConfig, make_strategy
 from shared.blobs import BlobInbox, BlobOutbox, ChunkError, iter_chunks
 from shared.blobstore import BlobStore
 from shared.config import OrchestratorSettings
-from shared.protocol import (ChunkRequest, EvalMetrics, ModelPublished, OrchestratorStatus, ProtocolError,
-                             RoundCommand, RoundSummary, SiteStatus, UpdateAck, UpdateReport, parse_message)
+from shared.protocol import (ChunkRequest, EvalMetrics, Message, ModelPublished, OrchestratorStatus, ProtocolError,
+                             RoundCommand, RoundSummary, SecAggAdvert, SecAggReveal, SecAggShares, SiteStatus,
+                             UpdateAck, UpdateReport, parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
@@ -78,7 +80,8 @@ class OrchestratorService:
         t = self.transport
         t.start()
         for topic in (f"{self.topics.base}/site/+/status", f"{self.topics.base}/site/+/update",
-                      f"{self.topics.base}/site/+/request", f"{self.topics.base}/site/+/blob/+/+"):
+                      f"{self.topics.base}/site/+/request", f"{self.topics.base}/site/+/blob/+/+",
+                      f"{self.topics.base}/site/+/secagg"):
             t.subscribe(topic)
         self.status("starting")
         # Reopen the round first: updates queued for us while we were down must find it open.
@@ -126,9 +129,11 @@ class OrchestratorService:
                 self._on_report(site, message)
             elif isinstance(message, ChunkRequest):
                 self._on_chunk_request(site, message)
+            elif isinstance(message, SecAggAdvert | SecAggShares | SecAggReveal):
+                self.engine.on_secure_message(site, message)
             else:
                 raise ProtocolError(f"a site may not send {message.type!r} messages")
-        except (ProtocolError, ChunkError) as e:
+        except (ProtocolError, ChunkError, SecureRoundError) as e:
             self.rejected += 1
             log.warning("rejected a message from %s on %s: %s", site, msg.topic, e)
 
@@ -223,6 +228,17 @@ class OrchestratorService:
         broadcast = manifests[-1]
         for index, chunk in iter_chunks(blobs[broadcast.blob_id], broadcast):
             self.transport.publish(self.topics.broadcast_chunk(broadcast.blob_id, index), chunk)
+
+    def secagg_broadcast(self, message: Message) -> None:
+        self.transport.publish(self.topics.secagg, message.to_bytes())
+
+    def secagg_to_site(self, site: str, message: Message) -> None:
+        self.transport.publish(self.topics.to_site(site, "secagg"), message.to_bytes())
+
+    def announced_samples(self, site: str) -> int | None:
+        """The training-set size a site announces in its status (public: it weights the secure sum)."""
+        status = self.presence.get(site)
+        return status.num_samples if status else None
 
     def model_published(self, version: ModelVersion) -> None:
         msg = ModelPublished(federation=self.settings.federation, sender=SENDER, version=version.version,

@@ -25,7 +25,11 @@ fi
 
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
-if ! "$PY" -c "import fedmq, importlib.metadata as m; m.version('fedmq')" >/dev/null 2>&1 || [ -n "$extras" ]; then
+# Checked from outside the tree: an install of a checkout that has since moved imports nothing.
+installed_here() {
+  (cd / && "$PY" -c "import os, sys, fedmq; sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(fedmq.__file__))) != os.path.realpath(sys.argv[1]))" "$1") >/dev/null 2>&1
+}
+if ! installed_here "$PWD" || [ -n "$extras" ]; then
   echo "[setup] installing fedmq${extras} and its dependencies"
   "$PY" -m pip install -q --disable-pip-version-check -e ".${extras}"
 fi

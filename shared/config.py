@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
@@ -62,6 +62,27 @@ class CommonSettings(BaseSettings):
         return tuple(sources)
 
 
+class SecureAggregationSettings(BaseModel):
+    """Secure aggregation (Bonawitz et al. 2017): the orchestrator learns only the sum of the updates.
+
+    Every site needs its federation certificate and key (``fedmq pki issue-site``; the agent's
+    TLS identity by default) and the orchestrator the federation CA certificate: each site signs
+    its round keys, and every party checks the signatures against certificates issued by the CA.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    threshold: int | None = Field(default=None, ge=2, description="sites needed to unmask the sum; default and "
+                                  "minimum: a strict majority of the sites selected for the round")
+    bound: float = Field(default=4.0, ge=1.0, le=1e6, allow_inf_nan=False,
+                         description="fixed-point range of an update coordinate; beyond it values saturate")
+    index_fraction: float | None = Field(default=None, gt=0, le=1,
+                                         description="send only this share of positions, the same for every site")
+    phase_timeout: float = Field(default=60.0, gt=0, description="seconds each protocol phase waits for sites")
+    identity_ca: Path | None = Field(default=None, description="federation CA certificate (default tls_ca)")
+
+
 class OrchestratorSettings(CommonSettings):
     """The federation's plan: how many rounds, who takes part, how to train and aggregate."""
 
@@ -87,12 +108,22 @@ class OrchestratorSettings(CommonSettings):
     fedbn: bool = Field(default=False, description="keep normalization layers local to each site (FedBN)")
     final_evaluation: bool = True
     exit_when_done: bool = False
+    secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> "OrchestratorSettings":
         if self.sample_fraction is not None and self.sample_count is not None:
             raise ValueError("set at most one of sample_fraction and sample_count")
+        if self.secure_aggregation.enabled and self.identity_ca is None:
+            raise ValueError("secure aggregation checks every site's certificate: set "
+                             "secure_aggregation.identity_ca (FEDMQ_SECURE_AGGREGATION__IDENTITY_CA) or tls_ca "
+                             "to the federation's ca.crt")
         return self
+
+    @property
+    def identity_ca(self) -> Path | None:
+        """The CA certificate site identities chain to."""
+        return self.secure_aggregation.identity_ca or self.tls_ca
 
     @property
     def effective_quorum(self) -> int:
@@ -129,6 +160,11 @@ class AgentSettings(CommonSettings):
     dp_sgd_delta: float = Field(default=1e-5, gt=0, lt=1, description="keep it well below 1 / training rows")
     dp_sgd_clip_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False,
                                     description="per-record gradient L2 bound")
+    identity_cert: Path | None = Field(default=None, description="this site's federation certificate, to sign "
+                                       "secure-aggregation keys with (default tls_cert)")
+    identity_key: Path | None = Field(default=None, description="its private key (default tls_key)")
+    identity_ca: Path | None = Field(default=None, description="the federation CA that peers' certificates must "
+                                     "chain to (default tls_ca)")
 
     @field_validator("site_id")
     @classmethod

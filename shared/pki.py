@@ -169,8 +169,7 @@ class FederationPki:
         return self.cert_path(name).with_suffix(".key")
 
     def identity_uri(self, name: str) -> str:
-        """The URI SAN of a client certificate: names the federation as well as the identity."""
-        return f"urn:fedmq:{self.federation}:{name}"
+        return identity_uri(self.federation, name)
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -406,6 +405,11 @@ class FederationPki:
         return {str(n.value) for n in san}
 
 
+def identity_uri(federation: str, name: str) -> str:
+    """The URI SAN of a client certificate: names the federation as well as the identity."""
+    return f"urn:fedmq:{federation}:{name}"
+
+
 def _broker_hosts(hosts: Iterable[str]) -> list[str]:
     """The requested broker names plus the local ones, normalised and deduplicated, order kept."""
     result: list[str] = []
@@ -431,3 +435,57 @@ def _is_ip(host: str) -> bool:
 
 def _general_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
     return [x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts]
+
+
+# -- site identities for secure aggregation ---------------------------------------------------
+
+def load_ca_certificate(path: Path) -> x509.Certificate:
+    """The federation CA certificate that site identities must chain to."""
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise PkiError(f"cannot read the federation CA certificate {path}: {e}; point the setting at the "
+                       f"ca.crt that `fedmq pki init` created") from None
+
+
+def site_identity_key(certificate_pem: bytes, ca_cert: x509.Certificate, site_id: str) -> ec.EllipticCurvePublicKey:
+    """The public key a site signs with, from a certificate that must be the federation's for that site.
+
+    Secure aggregation's key advertisements travel through the orchestrator, which must not be
+    able to substitute its own keys: each one is signed by the site's identity key, and only a
+    certificate issued by the federation CA (valid now, for client use, CN and URI naming this
+    site of this federation) vouches for that key. Revocation is the broker's job (CRL).
+    """
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    try:
+        cert = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError as e:
+        raise PkiError(f"site {site_id} sent a certificate that is not PEM X.509: {e}") from None
+    try:
+        PolicyBuilder().store(Store([ca_cert])).build_client_verifier().verify(cert, [])
+    except VerificationError as e:
+        raise PkiError(f"the certificate presented for site {site_id} does not chain to the federation CA "
+                       f"({e}); issue one with `fedmq pki issue-site {site_id}`") from None
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [site_id]:
+        raise PkiError(f"the certificate presented for site {site_id} names {names}, not that site")
+    orgs = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    federation = str(orgs[0].value) if orgs else ""
+    if identity_uri(federation, site_id) not in FederationPki._sans(cert):
+        raise PkiError(f"the certificate presented for site {site_id} is not for federation {federation!r}")
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PkiError(f"the certificate of site {site_id} holds a {type(key).__name__}, not an EC key")
+    return key
+
+
+def load_identity_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A site's own private key (the one `fedmq pki issue-site` wrote), to sign with."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise PkiError(f"cannot read the site's identity key {path}: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path} is not an EC private key")
+    return key

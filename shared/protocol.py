@@ -8,13 +8,15 @@ too. Binary payloads never travel inside these messages: they are described by a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, TypeAdapter, ValidationError, field_validator, model_validator
 
 from shared.codec import CompressionSettings
 from shared.topics import NAME_PATTERN
@@ -29,6 +31,21 @@ ID_PATTERN = rf"^{NAME_PATTERN}$"
 
 class ProtocolError(ValueError):
     """A payload that is not a valid message of this protocol; the text says why."""
+
+
+def _from_base64(value: object) -> object:
+    """JSON carries binary fields as base64 text; Python callers pass the bytes themselves."""
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"not valid base64: {e}") from None
+    return value
+
+
+Binary = Annotated[bytes, BeforeValidator(_from_base64),
+                   PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str)]
+"""Short binary values (keys, signatures, sealed shares) inside a control message, base64 on the wire."""
 
 
 class _Strict(BaseModel):
@@ -67,6 +84,29 @@ class TaskSpec(_Strict):
                                           "[1, 8, 8] for images stored as 64 columns")
 
 
+class SecureAggregationRound(_Strict):
+    """How one round's updates are summed under secure aggregation (``shared.privacy.secagg``).
+
+    Sites are numbered 1..n in the order of the round's ``selected`` list (Shamir x-coordinates
+    and mask signs). Each site sends ``(w * update[idx], w)`` in fixed point, where ``idx`` is the
+    round's shared index set (all positions when ``index_fraction`` is None) and ``w`` its weight:
+    ``num_samples / sample_total`` (the counts the sites announced in their status), or 1 with
+    ``weighting="uniform"`` (client-level DP, where a site's influence must not grow with a
+    number it reports, or when some site announced no count). The orchestrator learns
+    only the sums and divides.
+    """
+
+    threshold: int = Field(ge=2, description="Shamir threshold t: sites needed to unmask; a strict majority")
+    bound: float = Field(ge=1.0, le=1e6, allow_inf_nan=False,
+                         description="fixed-point range: coordinates beyond ±bound saturate")
+    index_fraction: float | None = Field(default=None, gt=0, le=1,
+                                         description="share of each update's positions sent, the same for all")
+    index_seed: str = Field(pattern=SHA256_PATTERN, description="seeds the round's shared index set")
+    weighting: Literal["samples", "uniform"] = "samples"
+    sample_total: int = Field(default=1, ge=1, description="the selected sites' announced sample counts, summed")
+    phase_timeout: float = Field(default=60.0, gt=0, description="seconds each protocol phase waits for sites")
+
+
 class TrainingConfig(_Strict):
     """Local training settings, chosen by the orchestrator and sent with every round."""
 
@@ -90,6 +130,9 @@ class TrainingConfig(_Strict):
     dp_noise_share_std: float = Field(default=0.0, ge=0, allow_inf_nan=False,
                                       description="distributed DP noise: std of the Gaussian share each site adds "
                                       "to its clipped update")
+
+    secure_aggregation: SecureAggregationRound | None = Field(
+        default=None, description="sum the updates under secure aggregation: the orchestrator sees only the sum")
 
     @model_validator(mode="after")
     def _noise_needs_clipping(self) -> "TrainingConfig":
@@ -234,6 +277,66 @@ class ChunkRequest(Message):
     indices: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100_000)
 
 
+class SecAggKeys(_Strict):
+    """A site's signed public keys for one secure-aggregation round, with the certificate vouching for them."""
+
+    site: str = Field(pattern=ID_PATTERN)
+    encryption_public: Binary = Field(min_length=32, max_length=32)
+    mask_public: Binary = Field(min_length=32, max_length=32)
+    signature: Binary = Field(min_length=8, max_length=256)
+    certificate: str = Field(max_length=16384, description="PEM, issued by the federation CA with CN = site")
+
+
+class SecAggAdvert(Message):
+    """Step 0, site -> orchestrator: this site's keys for the round (after it trained)."""
+
+    type: Literal["secagg_advert"] = "secagg_advert"
+    round_id: str = Field(max_length=100)
+    keys: SecAggKeys
+
+
+class SecAggRoster(Message):
+    """Step 0 answer, orchestrator -> all sites: every verified advertisement (the set U1)."""
+
+    type: Literal["secagg_roster"] = "secagg_roster"
+    round_id: str = Field(max_length=100)
+    keys: list[SecAggKeys] = Field(max_length=10_000)
+
+
+class SealedShares(_Strict):
+    """Shamir shares for one peer, encrypted to it (AES-GCM); the orchestrator only relays them."""
+
+    peer: str = Field(pattern=ID_PATTERN, description="the recipient (site -> orchestrator) or the sender "
+                      "(orchestrator -> site)")
+    nonce: Binary = Field(min_length=12, max_length=12)
+    ciphertext: Binary = Field(max_length=4096)
+
+
+class SecAggShares(Message):
+    """Step 1: a site's sealed shares for each peer; relayed back grouped by recipient (U2)."""
+
+    type: Literal["secagg_shares"] = "secagg_shares"
+    round_id: str = Field(max_length=100)
+    shares: list[SealedShares] = Field(max_length=10_000)
+
+
+class SecAggUnmask(Message):
+    """Step 3 request, orchestrator -> all: the sites whose masked input arrived (U3)."""
+
+    type: Literal["secagg_unmask"] = "secagg_unmask"
+    round_id: str = Field(max_length=100)
+    survivors: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(max_length=10_000)
+
+
+class SecAggReveal(Message):
+    """Step 3 answer: shares of the survivors' self-mask seeds and of the dropped sites' mask keys."""
+
+    type: Literal["secagg_reveal"] = "secagg_reveal"
+    round_id: str = Field(max_length=100)
+    self_seed_shares: dict[str, Binary] = Field(max_length=10_000)
+    mask_key_shares: dict[str, Binary] = Field(max_length=10_000)
+
+
 SiteState = Literal["online", "idle", "downloading", "training", "uploading", "evaluating", "error", "offline"]
 
 
@@ -294,11 +397,12 @@ class RoundSummary(Message):
 
 AnyMessage = Annotated[
     Union[RoundCommand, UpdateReport, UpdateAck, ChunkRequest, SiteStatus, OrchestratorStatus, ModelPublished,
-          RoundSummary],
+          RoundSummary, SecAggAdvert, SecAggRoster, SecAggShares, SecAggUnmask, SecAggReveal],
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
-MESSAGE_TYPES = ("round", "update", "ack", "chunk_request", "status", "orch_status", "model", "round_summary")
+MESSAGE_TYPES = ("round", "update", "ack", "chunk_request", "status", "orch_status", "model", "round_summary",
+                 "secagg_advert", "secagg_roster", "secagg_shares", "secagg_unmask", "secagg_reveal")
 
 
 def _reject_constant(name: str) -> float:

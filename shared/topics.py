@@ -58,6 +58,11 @@ class Topics:
     def round_summary(self) -> str:
         return f"{self.base}/orch/all/summary"
 
+    @property
+    def secagg(self) -> str:
+        """Secure-aggregation rosters and unmasking requests (not retained: they belong to one round)."""
+        return f"{self.base}/orch/all/secagg"
+
     def broadcast_chunk(self, blob_id: str, index: int) -> str:
         return f"{self.base}/orch/all/blob/{blob_id}/{index}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -23,6 +24,13 @@ from shared.protocol import (
     ProtocolError,
     RoundCommand,
     RoundSummary,
+    SealedShares,
+    SecAggAdvert,
+    SecAggKeys,
+    SecAggReveal,
+    SecAggRoster,
+    SecAggShares,
+    SecAggUnmask,
     SiteStatus,
     TaskSpec,
     TrainingConfig,
@@ -33,6 +41,10 @@ from shared.protocol import (
 
 FED = "fed-protocol"
 MANIFEST = make_manifest(b"x" * 2500, "application/onnx", chunk_size=1024)
+
+
+KEYS = SecAggKeys(site="site-a", encryption_public=b"e" * 32, mask_public=b"m" * 32, signature=b"s" * 71,
+                  certificate="-----BEGIN CERTIFICATE-----\n...")
 
 
 def _examples() -> dict[str, Message]:
@@ -62,6 +74,13 @@ def _examples() -> dict[str, Message]:
         "round_summary": RoundSummary(federation=FED, sender="orchestrator", round=3, evaluated_version=2,
                                       new_version=3, site_metrics={"site-a": metrics}, pooled=metrics,
                                       bytes_down=1000, bytes_up=2000, seconds={"train": 1.5}),
+        "secagg_advert": SecAggAdvert(federation=FED, sender="site-a", round_id="r3a1", keys=KEYS),
+        "secagg_roster": SecAggRoster(federation=FED, sender="orchestrator", round_id="r3a1", keys=[KEYS]),
+        "secagg_shares": SecAggShares(federation=FED, sender="site-a", round_id="r3a1",
+                                      shares=[SealedShares(peer="site_b", nonce=b"n" * 12, ciphertext=b"c" * 180)]),
+        "secagg_unmask": SecAggUnmask(federation=FED, sender="orchestrator", round_id="r3a1", survivors=["site-a"]),
+        "secagg_reveal": SecAggReveal(federation=FED, sender="site-a", round_id="r3a1",
+                                      self_seed_shares={"site-a": b"s" * 74}, mask_key_shares={"site_b": b"m" * 74}),
     }
 
 
@@ -223,3 +242,19 @@ def test_inconsistent_manifest_inside_a_message() -> None:
     raw["update"]["chunk_sha256"] = raw["update"]["chunk_sha256"][:1]
     message = _parse_error(raw)
     assert "lists 1 chunks" in message and "needs 3" in message
+
+
+def test_secure_aggregation_messages_carry_binary_fields_as_base64():
+    keys = SecAggKeys(site="a", encryption_public=bytes(range(32)), mask_public=b"\xff" * 32, signature=b"s" * 70,
+                      certificate="-----BEGIN CERTIFICATE-----")
+    advert = SecAggAdvert(federation="demo", sender="a", round_id="demo-r1-a1", keys=keys)
+    raw = advert.to_bytes()
+    assert base64.b64encode(bytes(range(32))) in raw
+    assert parse_message(raw) == advert
+    with pytest.raises(ProtocolError, match="not valid base64"):
+        parse_message(raw.replace(base64.b64encode(b"\xff" * 32), b"!!not-base64!!"))
+    with pytest.raises(ProtocolError, match="at most 32 bytes"):
+        parse_message(raw.replace(base64.b64encode(b"\xff" * 32), base64.b64encode(b"\xff" * 33)))
+    reveal = SecAggReveal(federation="demo", sender="a", round_id="r", self_seed_shares={"b": b"\x00\x01"},
+                          mask_key_shares={})
+    assert parse_message(reveal.to_bytes()).self_seed_shares == {"b": b"\x00\x01"}

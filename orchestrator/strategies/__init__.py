@@ -30,6 +30,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     )
 }
 
+SECURE_SUM_STRATEGIES = frozenset({"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "dp_fedavg"})
+"""Strategies whose server step needs only the (weighted) mean of the updates, so they work with secure
+aggregation; median, trimmed mean and norm bounding look at every update and cannot."""
+
 
 def make_strategy(config: StrategyConfig) -> Strategy:
     """Build the strategy a config or a recorded model version names."""
@@ -43,6 +47,7 @@ def make_strategy(config: StrategyConfig) -> Strategy:
 
 
 __all__ = [
+    "SECURE_SUM_STRATEGIES",
     "STRATEGIES",
     "Aggregation",
     "DPFedAvg",

@@ -321,6 +321,25 @@ class PrivateSum(Aggregation):
         else:
             self._unclipped.discard(site_id)
 
+    def add_secure_mean(self, sites: Collection[str], mean: Mapping[str, np.ndarray],
+                        unclipped: Mapping[str, bool]) -> None:
+        """The unweighted mean of the sites' clipped (and noised) updates, as secure aggregation reveals it.
+
+        The orchestrator cannot re-clip updates it never sees: the bound rests on the sites'
+        clipping, which is the trust model of distributed DP with secure aggregation.
+        """
+        if self.count:
+            raise RuntimeError("a secure mean replaces the individual updates; this round already has some")
+        if not sites:
+            raise ValueError("a secure mean needs at least one contributing site")
+        for name, total in self._sums.items():
+            value = np.asarray(mean[name], dtype=np.float64)
+            if value.shape != total.shape or not np.isfinite(value).all():
+                raise ValueError(f"secure mean tensor {name!r} has the wrong shape or non-finite values")
+            total += value * len(sites)
+        self._sites.update(sites)
+        self._unclipped.update(s for s, within in unclipped.items() if within)
+
     def finish(self) -> Weights:
         """As ``Aggregation.finish``; then the strategy charges the round and moves its clip bound."""
         new = super().finish()
