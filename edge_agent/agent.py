@@ -40,7 +40,7 @@ from shared.onnx_model import (float_initializers, load_model_bytes, model_to_by
                                unpack_model)
 from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
 from shared.privacy.secagg_layout import MASKED_MEDIA_TYPE, UpdateLayout, quantize_update, site_weight
-from shared.protocol import (ChunkRequest, PrivacySpent, ProtocolError, RoundCommand, SecAggRoster, SecAggShares,
+from shared.protocol import (ChunkRequest, EvalMetrics, PrivacySpent, ProtocolError, RoundCommand, SecAggRoster, SecAggShares,
                              SecAggUnmask, SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport,
                              parse_message)
 from shared.topics import Topics
@@ -346,11 +346,11 @@ class EdgeAgent:
             evaluation = personalized = None
             if data.x_test is not None:
                 self.set_status("evaluating", f"model v{cmd.model_version}")
-                evaluation = evaluate(global_bytes, data.x_test, data.y_test, cfg.loss)
+                evaluation = self._score(global_bytes, data, cfg.loss, "global")
                 if cfg.finetune_steps or start_bytes is not global_bytes:
                     tuned = finetune(start_bytes, data.x_train, data.y_train, cfg, seed=seed, dp=dp) \
                         if cfg.finetune_steps else start_bytes
-                    personalized = evaluate(tuned, data.x_test, data.y_test, cfg.loss)
+                    personalized = self._score(tuned, data, cfg.loss, "personalized")
             blob = None
             manifest = None
             unclipped = None
@@ -411,6 +411,14 @@ class EdgeAgent:
         self.secure = SecureUpdate(self.site, cmd, quantized, report, identity)
         self.transport.publish(self.topics.site(self.site, "secagg"), self.secure.advert().to_bytes())
         self.set_status("uploading", f"round {cmd.round}: secure aggregation keys sent")
+
+    def _score(self, model: bytes, data: LocalDataset, loss: str, which: str) -> EvalMetrics | None:
+        """The model's test metrics; None (the round goes on without them) when they are not finite."""
+        try:
+            return evaluate(model, data.x_test, data.y_test, loss)
+        except TrainingError as e:
+            log.error("no %s evaluation this round: %s", which, e)
+            return None
 
     def _charge_dp_sgd(self, cmd: RoundCommand, data: LocalDataset) -> DPSGDConfig | None:
         """Charge this round's DP-SGD steps to the site's ledger before any of them is taken.

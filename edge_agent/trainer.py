@@ -195,5 +195,9 @@ def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray, loss: str) -> Eva
         correct = int((out.argmax(axis=1) == y.astype(int)).sum())
     else:
         value = float(np.mean((out.reshape(-1) - y) ** 2))
+    if not math.isfinite(value):
+        raise TrainingError(f"the model's {loss} loss on the local test set is {value} (its outputs overflow: the "
+                            "federation has diverged; lower the learning rate and restart from an earlier version)")
+    if loss == "mse":
         return EvalMetrics(num_examples=n, loss=value)
     return EvalMetrics(num_examples=n, loss=value, accuracy=correct / n if n else 0.0, correct=correct)

@@ -157,6 +157,8 @@ class TrainingConfig(_Strict):
 class EvalMetrics(_Strict):
     """A model's quality on one site's test set; counts let the orchestrator pool exactly."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     num_examples: int = Field(ge=0)
     loss: float
     accuracy: float | None = None
