@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 
 from edge_agent.agent import EdgeAgent
 from orchestrator.service import OrchestratorService
-from shared.config import AgentSettings, OrchestratorSettings
+from shared.config import AgentSettings, CommonSettings, OrchestratorSettings
+from shared.protocol import ProtocolError, RoundSummary, parse_message
+from shared.topics import Topics
+from shared.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +87,25 @@ def run_federation(orchestrator: OrchestratorSettings | None,
             fed.stops[name].set()
         for thread in fed.threads.values():
             thread.join(30)
+
+
+@contextmanager
+def round_summaries(broker_url: str, federation: str) -> Iterator[list[RoundSummary]]:
+    """Collect the round summaries the orchestrator publishes while the block runs, as an operator would."""
+    transport = Transport(CommonSettings(broker_url=broker_url, federation=federation),
+                          f"fedmq-{federation}-summary-monitor", persistent_session=False)
+    collected: list[RoundSummary] = []
+    with transport:
+        transport.subscribe(Topics(federation).round_summary)
+        yield collected
+        deadline = time.monotonic() + 2.0  # the last summary may still be on its way
+        while time.monotonic() < deadline:
+            msg = transport.get(0.2)
+            if msg is None:
+                continue
+            try:
+                parsed = parse_message(msg.payload)
+            except ProtocolError:
+                continue
+            if isinstance(parsed, RoundSummary):
+                collected.append(parsed)

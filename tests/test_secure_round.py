@@ -24,7 +24,7 @@ from orchestrator.secure_round import SecureRound, SecureRoundError
 from orchestrator.strategies import StrategyConfig, make_strategy
 from shared.blobs import make_manifest
 from shared.blobstore import BlobStore
-from shared.config import OrchestratorSettings, SecureAggregationSettings
+from shared.config import AgentSettings, OrchestratorSettings, SecureAggregationSettings
 from shared.pki import FederationPki, load_ca_certificate, load_identity_key
 from shared.privacy.secagg import quantize
 from shared.privacy.secagg_layout import UpdateLayout
@@ -198,3 +198,15 @@ def _tiny_model() -> bytes:
 def test_the_ca_loader_says_what_to_do(tmp_path: Path):
     with pytest.raises(ValueError, match="fedmq pki init"):
         load_ca_certificate(tmp_path / "missing.crt")
+
+
+def test_a_site_signs_with_its_tls_identity_unless_told_otherwise(pki, tmp_path):
+    tls = AgentSettings(site_id="a", data_train=tmp_path / "t.csv", tls_ca=pki.ca_cert_path,
+                        tls_cert=pki.cert_path("a"), tls_key=pki.key_path("a"))
+    assert SiteIdentity.from_settings(tls).certificate_pem == pki.cert_path("a").read_text()
+    # b's files configured for site a: refused before any key leaves the site.
+    wrong = tls.model_copy(update={"identity_cert": pki.cert_path("b"), "identity_key": pki.key_path("b")})
+    with pytest.raises(SecureUpdateError, match="names \\['b'\\], not that site"):
+        SiteIdentity.from_settings(wrong)
+    with pytest.raises(SecureUpdateError, match="FEDMQ_TLS_CERT"):
+        SiteIdentity.from_settings(AgentSettings(site_id="a", data_train=tmp_path / "t.csv"))
