@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.config import AgentSettings
 from shared.pki import PkiError, load_ca_certificate, load_identity_key, site_identity_key
-from shared.privacy.secagg import EncryptedShares, KeyAdvertisement, SecAggClient, SecAggError
-from shared.privacy.secagg_layout import round_config, site_numbers
+from shared.privacy.secagg import EncryptedShares, SecAggClient, SecAggError
+from shared.privacy.secagg_layout import RoundSites, UnknownSite, round_config
 from shared.protocol import (RoundCommand, SealedShares, SecAggAdvert, SecAggKeys, SecAggReveal, SecAggRoster,
                              SecAggShares, SecAggUnmask, UpdateReport)
 
@@ -70,12 +70,11 @@ class SecureUpdate:
         self.command = command
         self.round_id = command.round_id
         self.report = report  # everything but the update blob, which exists only after masking
-        self.numbers = site_numbers(command.selected)
-        self.names = {n: s for s, n in self.numbers.items()}
+        self.sites = RoundSites(command.selected)
         self.identity = identity
         self._vector = vector
         config = round_config(command.round_id, command.training.secure_aggregation, vector.size)
-        self._client = SecAggClient(self.numbers[site], config, identity.key)
+        self._client = SecAggClient(self.sites.number(site), config, identity.key)
 
     def _message(self, cls: type[M], **fields: object) -> M:
         return cls(federation=self.command.federation, sender=self.site, round_id=self.round_id, **fields)
@@ -90,45 +89,37 @@ class SecureUpdate:
         """Check each peer's certificate and signature (the orchestrator must not slip in its own keys)."""
         identities = {}
         for keys in roster.keys:
-            if keys.site not in self.numbers:
+            if keys.site not in self.sites:
                 raise SecureUpdateError(f"the roster names {keys.site!r}, which was not selected for the round")
             try:
-                identities[self.numbers[keys.site]] = site_identity_key(keys.certificate.encode(),
+                identities[self.sites.number(keys.site)] = site_identity_key(keys.certificate.encode(),
                                                                          self.identity.ca_cert, keys.site)
             except PkiError as e:
                 raise SecureUpdateError(f"refusing the roster: {e}") from None
-        ads = [self._advertisement(k) for k in roster.keys]
+        ads = [self.sites.advertisement(k) for k in roster.keys]
         try:
             sealed = self._client.share_keys(ads, identities)
         except SecAggError as e:
             raise SecureUpdateError(f"refusing the roster: {e}") from None
         return self._message(SecAggShares, shares=[
-            SealedShares(peer=self.names[s.recipient], nonce=s.nonce, ciphertext=s.ciphertext) for s in sealed])
+            SealedShares(peer=self.sites.name(s.recipient), nonce=s.nonce, ciphertext=s.ciphertext) for s in sealed])
 
     def on_shares(self, msg: SecAggShares) -> bytes:
         """Open the peers' shares and return the masked vector (little-endian uint32) to send as the update."""
         try:
-            received = [EncryptedShares(self._number(s.peer), self.numbers[self.site], s.nonce, s.ciphertext)
+            received = [EncryptedShares(self.sites.number(s.peer), self.sites.number(self.site), s.nonce, s.ciphertext)
                         for s in msg.shares]
             masked = self._client.mask_input(self._vector, received)
-        except SecAggError as e:
+        except (SecAggError, UnknownSite) as e:
             raise SecureUpdateError(f"cannot mask the update: {e}") from None
         return masked.vector.astype("<u4").tobytes()
 
     def on_unmask(self, msg: SecAggUnmask) -> SecAggReveal:
         try:
-            response = self._client.unmask([self._number(s) for s in msg.survivors])
-        except SecAggError as e:
+            response = self._client.unmask([self.sites.number(s) for s in msg.survivors])
+        except (SecAggError, UnknownSite) as e:
             raise SecureUpdateError(f"refusing to reveal shares: {e}") from None
         return self._message(
             SecAggReveal,
-            self_seed_shares={self.names[n]: s.to_bytes() for n, s in response.self_seed_shares.items()},
-            mask_key_shares={self.names[n]: s.to_bytes() for n, s in response.mask_key_shares.items()})
-
-    def _number(self, site: str) -> int:
-        if site not in self.numbers:
-            raise SecureUpdateError(f"{site!r} is not part of round {self.round_id}")
-        return self.numbers[site]
-
-    def _advertisement(self, keys: SecAggKeys) -> KeyAdvertisement:
-        return KeyAdvertisement(self.numbers[keys.site], keys.encryption_public, keys.mask_public, keys.signature)
+            self_seed_shares={self.sites.name(n): s.to_bytes() for n, s in response.self_seed_shares.items()},
+            mask_key_shares={self.sites.name(n): s.to_bytes() for n, s in response.mask_key_shares.items()})

@@ -34,9 +34,9 @@ from cryptography import x509
 
 from shared.pki import PkiError, site_identity_key
 from shared.privacy import shamir
-from shared.privacy.secagg import (EncryptedShares, IdentityPublicKey, KeyAdvertisement, MaskedInput, SecAggError,
-                                   SecAggServer, UnmaskingResponse, dequantize, verify_advertisement)
-from shared.privacy.secagg_layout import UpdateLayout, round_config, site_numbers
+from shared.privacy.secagg import (EncryptedShares, IdentityPublicKey, MaskedInput, SecAggError, SecAggServer,
+                                   UnmaskingResponse, dequantize, verify_advertisement)
+from shared.privacy.secagg_layout import RoundSites, UnknownSite, UpdateLayout, round_config
 from shared.protocol import (Message, RoundCommand, SealedShares, SecAggAdvert, SecAggKeys, SecAggReveal,
                              SecAggRoster, SecAggShares, SecAggUnmask)
 
@@ -73,8 +73,7 @@ class SecureRound:
         self.settings = settings
         self.command = command
         self.layout = layout
-        self.numbers = site_numbers(command.selected)
-        self.names = {number: site for site, number in self.numbers.items()}
+        self.sites = RoundSites(command.selected)
         self.config = round_config(command.round_id, settings, layout.vector_length)
         self.ca_cert = ca_cert
         self.clock = clock
@@ -100,11 +99,11 @@ class SecureRound:
             raise SecureRoundError(f"{site} already advertised keys for this round")
         try:
             identity = site_identity_key(msg.keys.certificate.encode(), self.ca_cert, site)
-            verify_advertisement(self._advertisement(msg.keys), identity, self.config)
+            verify_advertisement(self.sites.advertisement(msg.keys), identity, self.config)
         except (PkiError, SecAggError, ValueError) as e:
             raise SecureRoundError(str(e)) from None
         self._adverts[site] = msg.keys
-        self._identities[self.numbers[site]] = identity
+        self._identities[self.sites.number(site)] = identity
 
     def on_shares(self, site: str, msg: SecAggShares) -> None:
         self._expect("share", site, "shares")
@@ -116,7 +115,7 @@ class SecureRound:
         if peers != sorted(set(self._adverts) - {site}):
             raise SecureRoundError(f"{site} must send one share set to each other site of the roster, "
                                    f"sent to {peers}")
-        self._shares[site] = [EncryptedShares(self.numbers[site], self.numbers[s.peer], s.nonce, s.ciphertext)
+        self._shares[site] = [EncryptedShares(self.sites.number(site), self.sites.number(s.peer), s.nonce, s.ciphertext)
                               for s in msg.shares]
 
     def accept_masked(self, site: str, data: bytes) -> None:
@@ -139,11 +138,11 @@ class SecureRound:
             raise SecureRoundError(f"{site} already revealed its shares")
         try:
             response = UnmaskingResponse(
-                self.numbers[site],
-                {self._number(s): shamir.Share.from_bytes(b) for s, b in msg.self_seed_shares.items()},
-                {self._number(s): shamir.Share.from_bytes(b) for s, b in msg.mask_key_shares.items()})
-        except shamir.ShamirError as e:
-            raise SecureRoundError(f"malformed share from {site}: {e}") from None
+                self.sites.number(site),
+                {self.sites.number(s): shamir.Share.from_bytes(b) for s, b in msg.self_seed_shares.items()},
+                {self.sites.number(s): shamir.Share.from_bytes(b) for s, b in msg.mask_key_shares.items()})
+        except (shamir.ShamirError, UnknownSite) as e:
+            raise SecureRoundError(f"unusable shares from {site}: {e}") from None
         self._reveals[site] = response
 
     # progress ----------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ class SecureRound:
         if missing:
             log.warning("secure round %s: no keys from %s by the deadline", self.command.round_id, missing)
         self._server = SecAggServer(self.config, self._identities)
-        self._server.collect_advertisements([self._advertisement(k) for k in self._adverts.values()])
+        self._server.collect_advertisements([self.sites.advertisement(k) for k in self._adverts.values()])
         roster = [self._adverts[s] for s in self.command.selected if s in self._adverts]
         publisher.secagg_broadcast(SecAggRoster(federation=self.command.federation, sender=SENDER,
                                                 round_id=self.command.round_id, keys=roster))
@@ -189,12 +188,12 @@ class SecureRound:
     def _close_share(self, publisher: SecAggPublisher, quorum: int) -> None:
         assert self._server is not None
         routed = self._server.route_shares([s for shares in self._shares.values() for s in shares])
-        self._u2 = [self.names[n] for n in sorted(routed)]
+        self._u2 = [self.sites.name(n) for n in sorted(routed)]
         for number, items in routed.items():
             msg = SecAggShares(federation=self.command.federation, sender=SENDER, round_id=self.command.round_id,
-                               shares=[SealedShares(peer=self.names[i.sender], nonce=i.nonce,
+                               shares=[SealedShares(peer=self.sites.name(i.sender), nonce=i.nonce,
                                                     ciphertext=i.ciphertext) for i in items])
-            publisher.secagg_to_site(self.names[number], msg)
+            publisher.secagg_to_site(self.sites.name(number), msg)
         self.phase = "mask"
 
     def _close_mask(self, publisher: SecAggPublisher, quorum: int) -> None:
@@ -203,8 +202,8 @@ class SecureRound:
             raise SecAggError(f"only {len(self._masked)} masked updates arrived, the round's quorum is {quorum}; "
                               "nothing was revealed")
         survivors = self._server.collect_masked(
-            [MaskedInput(self.numbers[s], v) for s, v in self._masked.items()])
-        self._survivors = [self.names[n] for n in survivors]
+            [MaskedInput(self.sites.number(s), v) for s, v in self._masked.items()])
+        self._survivors = [self.sites.name(n) for n in survivors]
         publisher.secagg_broadcast(SecAggUnmask(federation=self.command.federation, sender=SENDER,
                                                 round_id=self.command.round_id, survivors=self._survivors))
         self.phase = "unmask"
@@ -219,16 +218,8 @@ class SecureRound:
 
     # helpers ------------------------------------------------------------------------------------
     def _expect(self, phase: Phase, site: str, what: str) -> None:
-        if site not in self.numbers:
+        if site not in self.sites:
             raise SecureRoundError(f"{site} was not selected for round {self.command.round_id}")
         if self.phase != phase:
             raise SecureRoundError(f"{what} from {site} arrived in phase {self.phase!r}, expected in {phase!r} "
                                    "(too late: the round went on without this site)")
-
-    def _number(self, site: str) -> int:
-        if site not in self.numbers:
-            raise SecureRoundError(f"shares name {site!r}, which is not in this round")
-        return self.numbers[site]
-
-    def _advertisement(self, keys: SecAggKeys) -> KeyAdvertisement:
-        return KeyAdvertisement(self.numbers[keys.site], keys.encryption_public, keys.mask_public, keys.signature)

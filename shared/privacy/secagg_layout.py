@@ -18,16 +18,38 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.privacy.secagg import RoundConfig, quantize, round_index_set
-from shared.protocol import SecureAggregationRound
+from shared.privacy.secagg import KeyAdvertisement, RoundConfig, quantize, round_index_set
+from shared.protocol import SecAggKeys, SecureAggregationRound
 
 MASKED_MEDIA_TYPE = "application/x-fedmq-secagg-masked"
 """Media type of a masked update blob: the round's vector of little-endian uint32, uncompressible by design."""
 
 
-def site_numbers(selected: Sequence[str]) -> dict[str, int]:
-    """Round-local site ids 1..n in the order of the round command's ``selected`` list."""
-    return {site: number for number, site in enumerate(selected, start=1)}
+class UnknownSite(ValueError):
+    """A message names a site that is not part of the round."""
+
+
+class RoundSites:
+    """Round-local site numbers 1..n (Shamir x-coordinates, mask signs) in the order of ``selected``."""
+
+    def __init__(self, selected: Sequence[str]) -> None:
+        self._numbers = {site: number for number, site in enumerate(selected, start=1)}
+        self._names = {number: site for site, number in self._numbers.items()}
+
+    def __contains__(self, site: object) -> bool:
+        return site in self._numbers
+
+    def number(self, site: str) -> int:
+        if site not in self._numbers:
+            raise UnknownSite(f"{site!r} is not part of this round")
+        return self._numbers[site]
+
+    def name(self, number: int) -> str:
+        return self._names[number]
+
+    def advertisement(self, keys: SecAggKeys) -> KeyAdvertisement:
+        """The protocol's view of a site's advertised keys."""
+        return KeyAdvertisement(self.number(keys.site), keys.encryption_public, keys.mask_public, keys.signature)
 
 
 def round_config(round_id: str, settings: SecureAggregationRound, vector_length: int) -> RoundConfig:
