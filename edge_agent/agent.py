@@ -78,10 +78,7 @@ class EdgeAgent:
         self.inbox = BlobInbox(max_blob_bytes=settings.max_blob_bytes)
         self.outbox = BlobOutbox()
         self.feedback = ErrorFeedback(Path(settings.state_dir) / "residual.npz")
-        held = self.feedback.pending
-        pending = self.state.record.pending
-        if held is not None and (pending is None or pending.report.round_id != held[0]):
-            self.feedback.discard(held[0])  # encoded, then crashed before the update was saved: never sent
+        self._drop_unsent_feedback()
         self.current_state: SiteState = "online"
         self._deferred: RoundCommand | None = None
         self.secure: SecureUpdate | None = None  # this site's part in the open secure-aggregation round
@@ -332,9 +329,21 @@ class EdgeAgent:
         model = load_model_bytes(model_bytes, max_bytes=self.settings.max_blob_bytes)
         return model_to_bytes(replace_initializers(model, own))
 
+    def _drop_unsent_feedback(self) -> None:
+        """Error feedback staged for an update that was never saved as pending never left: forget it.
+
+        Happens after a crash between encoding and saving, and when a secure round ends before
+        this site's masked update could be sent.
+        """
+        held = self.feedback.pending
+        pending = self.state.record.pending
+        if held is not None and (pending is None or pending.report.round_id != held[0]):
+            self.feedback.discard(held[0])
+
     def _run_round(self) -> None:
         cmd = self.command
         assert cmd is not None
+        self._drop_unsent_feedback()
         global_bytes = self.state.blobs.get(cmd.model_sha256)
         self.state.set_model(cmd.model_version, cmd.model_sha256)
         cfg = cmd.training
@@ -394,6 +403,8 @@ class EdgeAgent:
         try:
             identity = SiteIdentity.from_settings(self.settings)
             layout = UpdateLayout.for_round({k: v.shape for k, v in delta.items()}, cmd.training.local_parameters, sa)
+            if layout.indices is not None and sa.error_feedback:
+                delta = self.feedback.stage(delta, update_id=cmd.round_id, sent=layout.received)
             vector = layout.pack(delta, site_weight(sa, report.num_samples))
             rng = np.random.default_rng(round_seed(cmd.training.seed, self.site, cmd.round))
             quantized, saturated = quantize_update(vector, sa, len(cmd.selected), rng)

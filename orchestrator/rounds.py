@@ -32,7 +32,7 @@ from orchestrator.strategies import SECURE_SUM_STRATEGIES, Strategy
 from orchestrator.strategies.dp_fedavg import DPFedAvg, PrivateSum, RoundPlan
 from shared.blobs import make_manifest
 from shared.codec import CodecError, decode_tensors, encode_model_delta
-from shared.onnx_executor import OnnxModule
+from shared.onnx_executor import OnnxModule, running_stat_names
 from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, pack_model, replace_initializers
 from shared.config import OrchestratorSettings
 from shared.pki import load_ca_certificate
@@ -157,10 +157,10 @@ class RoundEngine:
         if self.settings.fedbn:
             overrides["local_parameters"] = sorted(OnnxModule(load_model_bytes(model)).batchnorm_names())
         if self.settings.secure_aggregation.enabled and kind == "train":
-            overrides["secure_aggregation"] = self._secure_round_settings(selected)
+            overrides["secure_aggregation"] = self._secure_round_settings(selected, model)
         return self.settings.training.model_copy(update=overrides) if overrides else self.settings.training
 
-    def _secure_round_settings(self, selected: list[str]) -> SecureAggregationRound:
+    def _secure_round_settings(self, selected: list[str], model: bytes) -> SecureAggregationRound:
         """The round's secure-aggregation parameters: a fresh index seed, the threshold, the weights' scale."""
         cfg = self.settings.secure_aggregation
         majority = len(selected) // 2 + 1
@@ -177,6 +177,8 @@ class RoundEngine:
             weighting = "uniform"
         return SecureAggregationRound(
             threshold=threshold, bound=cfg.bound, index_fraction=cfg.index_fraction,
+            error_feedback=cfg.error_feedback,
+            dense_tensors=sorted(running_stat_names(load_model_bytes(model).graph)) if cfg.index_fraction else [],
             index_seed=secrets.token_hex(32), weighting=weighting,
             sample_total=max(1, sum(n or 0 for n in samples.values())), phase_timeout=cfg.phase_timeout)
 

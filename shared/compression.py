@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -189,6 +189,28 @@ class ErrorFeedback:
             self._pending = _Pending(update_id, data, corrected)
         self._save()
         return data
+
+    def stage(self, delta: Mapping[str, np.ndarray], *, update_id: str,
+              sent: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Error feedback for an encoding outside the codec: secure aggregation's shared index set.
+
+        Adds the residual to ``delta`` and returns that corrected update to send; ``sent`` maps
+        it to what the receiver will get (zeros where nothing is sent), and the difference
+        becomes the pending residual, committed or discarded as after ``encode``. The caller
+        keeps the bytes it sends, so the pending update carries none.
+        """
+        if self._pending is not None:
+            raise ErrorFeedbackStateError(f"update {self._pending.update_id!r} is still pending; "
+                                          "commit() or discard() it before staging another")
+        if not isinstance(update_id, str) or not update_id:
+            raise ValueError(f"update_id must be a non-empty string, got {update_id!r}")
+        codec.check_tensors(delta)
+        corrected = {name: array + self._residual_for(name, array.shape) for name, array in delta.items()}
+        received = sent(corrected)
+        residual = {name: (array - received[name]).astype(np.float32) for name, array in corrected.items()}
+        self._pending = _Pending(update_id, b"", residual)
+        self._save()
+        return corrected
 
     def commit(self, update_id: str) -> None:
         """The orchestrator has update ``update_id``: its residual becomes the current one."""

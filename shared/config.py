@@ -79,6 +79,8 @@ class SecureAggregationSettings(BaseModel):
                          description="fixed-point range of an update coordinate; beyond it values saturate")
     index_fraction: float | None = Field(default=None, gt=0, le=1,
                                          description="send only this share of positions, the same for every site")
+    error_feedback: bool = Field(default=True, description="with index_fraction: carry unsent values to later rounds "
+                                 "(kept in each agent's state directory)")
     phase_timeout: float = Field(default=60.0, gt=0, description="seconds each protocol phase waits for sites")
     identity_ca: Path | None = Field(default=None, description="federation CA certificate (default tls_ca)")
 

@@ -102,6 +102,11 @@ class SecureAggregationRound(_Strict):
     index_fraction: float | None = Field(default=None, gt=0, le=1,
                                          description="share of each update's positions sent, the same for all")
     index_seed: str = Field(pattern=SHA256_PATTERN, description="seeds the round's shared index set")
+    error_feedback: bool = Field(default=True, description="with an index set: keep what was not sent and add it "
+                                 "to the next round's update")
+    dense_tensors: list[str] = Field(default_factory=list, max_length=100_000,
+                                     description="tensors sent at every position even with an index set: "
+                                     "BatchNorm running statistics, which error feedback must not defer")
     weighting: Literal["samples", "uniform"] = "samples"
     sample_total: int = Field(default=1, ge=1, description="the selected sites' announced sample counts, summed")
     phase_timeout: float = Field(default=60.0, gt=0, description="seconds each protocol phase waits for sites")

@@ -24,6 +24,7 @@ from orchestrator.secure_round import SecureRound, SecureRoundError
 from orchestrator.strategies import StrategyConfig, make_strategy
 from shared.blobs import make_manifest
 from shared.blobstore import BlobStore
+from shared.compression import ErrorFeedback
 from shared.config import AgentSettings, OrchestratorSettings, SecureAggregationSettings
 from shared.pki import FederationPki, load_ca_certificate, load_identity_key
 from shared.privacy.secagg import quantize
@@ -210,3 +211,35 @@ def test_a_site_signs_with_its_tls_identity_unless_told_otherwise(pki, tmp_path)
         SiteIdentity.from_settings(wrong)
     with pytest.raises(SecureUpdateError, match="FEDMQ_TLS_CERT"):
         SiteIdentity.from_settings(AgentSettings(site_id="a", data_train=tmp_path / "t.csv"))
+
+
+def test_error_feedback_carries_positions_outside_the_shared_index_set(tmp_path):
+    settings = SecureAggregationRound(threshold=2, bound=4.0, index_fraction=0.25, index_seed="ab" * 32)
+    layout = UpdateLayout.for_round(SHAPES, [], settings)
+    assert layout.indices is not None and layout.indices.size == 2
+    delta = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.array([10.0, 20.0], dtype=np.float32)}
+    feedback = ErrorFeedback(tmp_path / "residual.npz")
+    sent = feedback.stage(delta, update_id="r1", sent=layout.received)
+    assert all(np.array_equal(sent[k], delta[k]) for k in delta), "no residual yet"
+    feedback.commit("r1")
+    flat = np.concatenate([delta[k].ravel() for k in sorted(delta)])
+    kept = np.zeros_like(flat)
+    kept[layout.indices] = flat[layout.indices]
+    residual = ErrorFeedback(tmp_path / "residual.npz").residual  # survives a restart
+    assert np.array_equal(np.concatenate([residual[k].ravel() for k in sorted(residual)]), flat - kept)
+
+    again = ErrorFeedback(tmp_path / "residual.npz").stage(delta, update_id="r2", sent=layout.received)
+    assert np.array_equal(np.concatenate([again[k].ravel() for k in sorted(again)]), 2 * flat - kept)
+
+
+def test_running_statistics_are_sent_whole_even_with_an_index_set():
+    shapes = {"bn.var": (4,), "w": (10, 10)}
+    settings = SecureAggregationRound(threshold=2, bound=4.0, index_fraction=0.1, index_seed="cd" * 32,
+                                      dense_tensors=["bn.var"])
+    layout = UpdateLayout.for_round(shapes, [], settings)
+    # Name order: bn.var occupies positions 0-3, w 4-103; 10% of w's 100 positions come on top.
+    assert set(range(4)) <= set(layout.indices.tolist())
+    assert layout.indices.size == 4 + 10 and layout.vector_length == 15
+    update = {"bn.var": np.full(4, -0.5, dtype=np.float32), "w": np.ones((10, 10), dtype=np.float32)}
+    received = layout.received(update)
+    assert np.array_equal(received["bn.var"], update["bn.var"]) and received["w"].sum() == 10

@@ -69,11 +69,20 @@ class UpdateLayout:
         names = tuple(sorted(set(shapes) - set(local_parameters)))
         if not names:
             raise ValueError("no aggregated tensors: every initializer is kept local")
-        size = sum(int(np.prod(shapes[n], dtype=np.int64)) for n in names)
+        sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) for n in names}
+        offsets = dict(zip(names, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
         indices = None
         if settings.index_fraction is not None and settings.index_fraction < 1:
-            k = max(1, round(settings.index_fraction * size))
-            indices = round_index_set(bytes.fromhex(settings.index_seed), size, k)
+            dense = [n for n in names if n in settings.dense_tensors]
+            sparse = [n for n in names if n not in settings.dense_tensors]
+            candidates = np.concatenate([np.arange(offsets[n], offsets[n] + sizes[n]) for n in sparse]) \
+                if sparse else np.zeros(0, dtype=np.int64)
+            chosen = np.zeros(0, dtype=np.int64)
+            if candidates.size:
+                k = max(1, round(settings.index_fraction * candidates.size))
+                chosen = candidates[round_index_set(bytes.fromhex(settings.index_seed), candidates.size, k)]
+            always = [np.arange(offsets[n], offsets[n] + sizes[n]) for n in dense]
+            indices = np.sort(np.concatenate([chosen, *always])).astype(np.int64)
         return cls(names, {n: tuple(shapes[n]) for n in names}, indices)
 
     @property
@@ -97,6 +106,25 @@ class UpdateLayout:
         if self.indices is not None:
             flat = flat[self.indices]
         return np.append(flat * weight, weight)
+
+    def received(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What of ``update`` the sum carries: values at the index set, zeros elsewhere and on local tensors.
+
+        Error feedback keeps the difference for the next round, so that positions outside
+        this round's random index set are sent later instead of never.
+        """
+        flat = np.concatenate([np.asarray(update[n], dtype=np.float32).ravel() for n in self.names])
+        if self.indices is not None:
+            kept = np.zeros_like(flat)
+            kept[self.indices] = flat[self.indices]
+            flat = kept
+        out = {name: np.zeros_like(np.asarray(value, dtype=np.float32)) for name, value in update.items()}
+        offset = 0
+        for n in self.names:
+            size = int(np.prod(self.shapes[n], dtype=np.int64))
+            out[n] = flat[offset:offset + size].reshape(self.shapes[n])
+            offset += size
+        return out
 
     def unpack(self, total: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
         """The weighted mean update (zeros outside the index set) and the summed weight."""
