@@ -11,10 +11,17 @@ Variants: ``dense`` (float32 + zstd, the baseline, run in the same invocation) a
 10%, 1%, 0.1% of each tensor with int8 values, each with (``-ef``) and without error
 feedback, plus top-0.5% with error feedback (digits only). Every variant of a task runs the
 same number of rounds. Sparse digits variants keep tensors under 256 values dense (the
-codec default; it keeps BatchNorm statistics out of top-k, see ``--digits-min-sparse-numel``)
-and send those as float16; the Heart Disease logistic regression (14 parameters) needs
-``min_sparse_numel=1`` for top-k to apply at all, and then keeps 1 value per tensor at
-every k <= 10%.
+codec default, see ``--digits-min-sparse-numel``) and send those as int8 with a per-tensor
+scale (``--digits-dense-dtype``), except the BatchNorm running statistics, which the agent
+always sends dense and the codec then sends as float16; ``k1-ef-f16`` is top-1% + EF with
+the small tensors as float16 (the setting before int8 small tensors), to isolate what int8
+costs. The Heart Disease logistic regression (14 parameters) needs ``min_sparse_numel=1``
+for top-k to apply at all, and then keeps 1 value per tensor at every k <= 10%.
+
+``--seeds`` runs every digits variant once per seed; the seed is the sites' training seed
+(batch order), the digits split (which rows go to which site and to the held-out set) and
+the initial CNN's weights. Accuracy deltas are taken against the dense run of the same seed,
+then averaged (mean ± sample std over seeds).
 
 Figures per variant (the JSON has them per round too):
 
@@ -32,10 +39,16 @@ Figures per variant (the JSON has them per round too):
   (payload bytes: model blobs, round commands, acks) divided by the announcements. Unless
   ``--no-delta-rounds 0``, one extra digits federation runs with the delta disabled
   (``RoundEngine._downlink`` patched in this process to offer no delta) to measure the
-  "without" case directly.
+  "without" case directly;
+- where a sparse update's bytes go (``update_breakdown``, every stored update of the run):
+  the 20-byte prefix, the zstd frame's own bytes, and the compressed size of each zstd
+  block, which the codec ends after the JSON header and after the position buffers, so
+  header, positions and values are measured exactly; values are also split by kind (raw).
 
     python bench/bench_compression.py                           # both tasks, all variants
     python bench/bench_compression.py --tasks digits --digits-rounds 10 --variants dense k1-ef
+    python bench/bench_compression.py --tasks digits --seeds 0 1 2 --variants dense k1-ef k0_5-ef k1 \
+        --no-delta-rounds 0
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ import json
 import logging
 import os
 import platform
+import struct
 import sys
 import tempfile
 import time
@@ -54,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -61,12 +76,15 @@ if str(ROOT) not in sys.path:
 
 from fedmq.demo import DemoOptions, heart_settings
 from fedmq.digits import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
     DigitsOptions,
     digits_settings,
     global_test_accuracy,
     prepare_digits,
 )
 from fedmq.inprocess import run_federation
+from orchestrator.architectures import build_onnx
 from orchestrator.journal import RoundJournal
 from orchestrator.registry import ModelRegistry
 from orchestrator.rounds import RoundEngine
@@ -80,23 +98,27 @@ from shared.transport import Transport
 
 log = logging.getLogger("bench_compression")
 
-VARIANTS: dict[str, tuple[float | None, bool]] = {
-    "dense": (None, False),
-    "k10-ef": (0.10, True), "k1-ef": (0.01, True), "k0_1-ef": (0.001, True),
-    "k10": (0.10, False), "k1": (0.01, False), "k0_1": (0.001, False),
-    "k0_5-ef": (0.005, True),  # extra point between 1% and 0.1%, where the 100x target falls
+# variant -> (top-k fraction or None for dense, error feedback, small-tensor dtype or None for the task's)
+VARIANTS: dict[str, tuple[float | None, bool, str | None]] = {
+    "dense": (None, False, None),
+    "k10-ef": (0.10, True, None), "k1-ef": (0.01, True, None), "k0_1-ef": (0.001, True, None),
+    "k10": (0.10, False, None), "k1": (0.01, False, None), "k0_1": (0.001, False, None),
+    "k0_5-ef": (0.005, True, None),  # extra point between 1% and 0.1%
+    "k1-ef-f16": (0.01, True, "float16"),  # top-1% + EF with the small tensors float16, not int8
 }
 LABELS = {"dense": "dense float32", "k10-ef": "top-10% int8 + EF", "k1-ef": "top-1% int8 + EF",
           "k0_1-ef": "top-0.1% int8 + EF", "k10": "top-10% int8, no EF", "k1": "top-1% int8, no EF",
-          "k0_1": "top-0.1% int8, no EF", "k0_5-ef": "top-0.5% int8 + EF"}
+          "k0_1": "top-0.1% int8, no EF", "k0_5-ef": "top-0.5% int8 + EF",
+          "k1-ef-f16": "top-1% int8 + EF, small tensors f16"}
+DEFAULT_DIGITS_VARIANTS = ["dense", "k10-ef", "k1-ef", "k0_5-ef", "k0_1-ef", "k10", "k1", "k0_1"]
 
 
 def compression_for(variant: str, min_sparse_numel: int, dense_dtype: str) -> CompressionSettings:
-    fraction, ef = VARIANTS[variant]
+    fraction, ef, small_dtype = VARIANTS[variant]
     if fraction is None:
         return CompressionSettings()
     return CompressionSettings(mode="sparse", topk_fraction=fraction, quantization="int8", error_feedback=ef,
-                               min_sparse_numel=min_sparse_numel, dense_dtype=dense_dtype)
+                               min_sparse_numel=min_sparse_numel, dense_dtype=small_dtype or dense_dtype)
 
 
 @dataclass
@@ -105,8 +127,9 @@ class Task:
     rounds: int
     min_sparse_numel: int
     dense_dtype: str
-    settings: object  # (federation, root, compression) -> (OrchestratorSettings, [AgentSettings])
+    settings: object  # (federation, root, compression, rounds) -> (OrchestratorSettings, [AgentSettings])
     data_dir: Path | None = None
+    seed: int = 0
 
 
 @contextmanager
@@ -151,7 +174,8 @@ def _without_model_delta():
 def run_one(task: Task, variant: str, url: str, workdir: Path, *, rounds: int, timeout: float,
             no_delta: bool = False, suffix: str = "") -> dict:
     compression = compression_for(variant, task.min_sparse_numel, task.dense_dtype)
-    federation = f"{task.name}-{variant}{suffix}{'-nodelta' if no_delta else ''}".replace("_", "-")
+    seed = f"-s{task.seed}" if task.name == "digits" else ""
+    federation = f"{task.name}{seed}-{variant}{suffix}{'-nodelta' if no_delta else ''}".replace("_", "-")
     root = workdir / federation
     orch, agents = task.settings(federation, root, compression, rounds)
     started = time.perf_counter()
@@ -165,7 +189,7 @@ def run_one(task: Task, variant: str, url: str, workdir: Path, *, rounds: int, t
         time.sleep(0.5)
     wall = time.perf_counter() - started
     result = analyse(task, variant, root, orch, agents, summaries, rounds)
-    result.update({"federation": federation, "wall_seconds": round(wall, 1), "no_delta": no_delta,
+    result.update({"federation": federation, "seed": task.seed, "wall_seconds": round(wall, 1), "no_delta": no_delta,
                    "compression": compression.model_dump(), "agents_rx_bytes": agent_rx, "agents_tx_bytes": agent_tx,
                    "agents_rx_per_announcement": agent_rx / (rounds + 1),
                    "computed_downlink_total_with_delta": int(sum(result["downlink_with_delta_by_announcement"])),
@@ -186,13 +210,16 @@ def analyse(task: Task, variant: str, root: Path, orch: OrchestratorSettings, ag
     numel = sum(w.size for w in weights[0].values())
     accuracy = [registry.get(v.version).pooled.accuracy if registry.get(v.version).pooled else None
                 for v in versions]
-    uplink, reporters = [], []
+    uplink, reporters, breakdowns = [], [], []
     train_rounds = journal.done("train")
+    sparse = orch.training.compression.mode == "sparse"
     for r in range(1, rounds + 1):
         recs = [rec for rec in train_rounds if rec.round == r]
         ups = [u for rec in recs for u in journal.updates(rec.round_id)]
         uplink.append(sum(u.report.update.size for u in ups if u.report.update is not None))
         reporters.append(len(ups))
+        if sparse:
+            breakdowns.extend(update_breakdown(registry.blobs.get(u.blob)) for u in ups if u.blob is not None)
     # Announcement a (a = 0..rounds) offers version a: rounds 1..R train on v0..v(R-1), the
     # final evaluation round scores vR.
     full_sizes, delta_sizes = [], []
@@ -228,19 +255,86 @@ def analyse(task: Task, variant: str, root: Path, orch: OrchestratorSettings, ag
         "downlink_without_delta_per_round": float(np.mean(down_without[1:])),
         "round_seconds": [by_round[r].seconds.get("wall") if r in by_round else None for r in range(1, rounds + 1)],
     }
+    if breakdowns:
+        result["update_breakdown_mean"] = {key: float(np.mean([b[key] for b in breakdowns])) for key in breakdowns[0]}
+        result["update_breakdown_updates"] = len(breakdowns)
     if task.data_dir is not None:
         result["global_test_accuracy"] = global_test_accuracy(registry.model_bytes(rounds), task.data_dir)
     registry.conn.close()
     return result
 
 
-def make_tasks(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, Task]:
-    digits_data = workdir / "digits-data"
-    digits_opts = DigitsOptions(local_steps=args.digits_local_steps, learning_rate=args.digits_lr)
+_VALUE_KINDS = {("sparse", "int8"): "values_topk_int8", ("dense_i8", None): "values_small_int8",
+                ("dense_f16", None): "values_dense_f16", ("dense_f32", None): "values_dense_f32",
+                ("sparse", "f16"): "values_topk_f16", ("sparse", "f32"): "values_topk_f32"}
+_ITEMSIZE = {"int8": 1, "f16": 2, "f32": 4, "dense_i8": 1, "dense_f16": 2, "dense_f32": 4}
+
+
+def update_breakdown(data: bytes) -> dict[str, float]:
+    """Where one stored update's bytes go, in bytes on the wire (``*_raw``: before zstd).
+
+    The codec (format 2) writes one zstd frame and ends a block after the JSON header and
+    after the position buffers, so walking the frame's blocks and noting which decompressed
+    range each produced attributes every compressed byte exactly: ``header``, ``positions``,
+    ``values``; ``zstd_framing`` is the frame header, block headers and checksum. The value
+    section is split by kind only before compression (``values_*`` raw bytes). Only for our
+    own run's updates: the decoder already validated them when they arrived.
+    """
+    _, _, flags, _, header_len, buffers_len = struct.unpack_from("<4sBBHIQ", data)
+    payload = bytes(data[20:])
+    raw = zstandard.ZstdDecompressor().decompress(payload) if flags & 1 else payload
+    tensors = json.loads(raw[:header_len])["tensors"]
+    positions_raw = sum(t.get("index_bytes", 0) for t in tensors)
+    out = {"total": float(len(data)), "prefix": 20.0, "header_raw": float(header_len),
+           "positions_raw": float(positions_raw), "values_raw": float(buffers_len - positions_raw),
+           **{kind: 0.0 for kind in _VALUE_KINDS.values()}}
+    for t in tensors:
+        count = t["nnz"] if "nnz" in t else int(np.prod(t["shape"]))
+        out[_VALUE_KINDS[t["encoding"], t.get("value_dtype")]] += count * _ITEMSIZE[t.get("value_dtype", t["encoding"])]
+    if not flags & 1:
+        out.update(header=float(header_len), positions=float(positions_raw),
+                   values=float(buffers_len - positions_raw), zstd_framing=0.0)
+        return out
+    descriptor = payload[4]
+    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    pos = 5 + (not single_segment) + (0, 1, 2, 4)[dict_flag] + ((1 if single_segment else 0), 2, 4, 8)[fcs_flag]
+    stream = zstandard.ZstdDecompressor().decompressobj()
+    stream.decompress(payload[:pos])
+    ends = {"header": header_len, "positions": header_len + positions_raw, "values": header_len + buffers_len}
+    sections = dict.fromkeys(ends, 0.0)
+    framing, produced = float(pos), 0
+    while True:
+        block = int.from_bytes(payload[pos:pos + 3], "little")
+        size = 1 if (block >> 1) & 3 == 1 else block >> 3  # an RLE block stores one byte
+        got = len(stream.decompress(payload[pos:pos + 3 + size]))
+        framing += 3
+        if got:
+            section = next(name for name, end in ends.items() if produced < end)
+            if produced + got > ends[section]:
+                raise ValueError(f"a zstd block spans the end of the {section} section: not a format-2 update")
+            sections[section] += size
+        else:
+            framing += size
+        produced += got
+        pos += 3 + size
+        if block & 1:
+            break
+    out.update(sections, zstd_framing=framing + len(payload) - pos)
+    return out
+
+
+def make_tasks(args: argparse.Namespace, url: str, workdir: Path, seed: int = 0) -> dict[str, Task]:
+    """The tasks for one seed; only digits depends on it (split, training seed, initial CNN)."""
+    digits_data = workdir / f"digits-data-s{seed}"
+    digits_opts = DigitsOptions(local_steps=args.digits_local_steps, learning_rate=args.digits_lr, seed=seed)
+    initial = workdir / f"digits-initial-s{seed}.onnx"
+    initial.write_bytes(build_onnx("cnn", input_shape=tuple(IMAGE_SHAPE), num_outputs=NUM_CLASSES,
+                                   hidden=tuple(digits_opts.hidden), seed=seed))
 
     def digits(federation: str, root: Path, compression: CompressionSettings, rounds: int):
         opts = DigitsOptions(**{**digits_opts.__dict__, "federation": federation})
-        return digits_settings(url, root, rounds, compression, opts, data_dir=digits_data)
+        orch, agents = digits_settings(url, root, rounds, compression, opts, data_dir=digits_data)
+        return orch.model_copy(update={"initial_model": initial}), agents
 
     def heart(federation: str, root: Path, compression: CompressionSettings, rounds: int):
         orch, agents = heart_settings(url, root, DemoOptions(rounds=rounds))
@@ -248,10 +342,10 @@ def make_tasks(args: argparse.Namespace, url: str, workdir: Path) -> dict[str, T
         orch = orch.model_copy(update={"federation": federation, "training": training})
         return orch, [a.model_copy(update={"federation": federation}) for a in agents]
 
-    prepare_digits(digits_data)
+    prepare_digits(digits_data, seed=seed)
     return {
         "digits": Task("digits", args.digits_rounds, args.digits_min_sparse_numel, args.digits_dense_dtype, digits,
-                       digits_data),
+                       digits_data, seed),
         "heart": Task("heart", args.heart_rounds, args.heart_min_sparse_numel, "float32", heart),
     }
 
@@ -270,8 +364,9 @@ def _ratio_label(x: float) -> str:
     return f"{1 / x:.1f}x more uplink bytes than dense f32"
 
 
-def table(results: list[dict], task: str) -> str:
-    rows = [r for r in results if r["task"] == task and not r["no_delta"]]
+def table(results: list[dict], task: str, seed: int | None = None) -> str:
+    """One run per variant (one seed), every figure."""
+    rows = [r for r in results if r["task"] == task and not r["no_delta"] and (seed is None or r["seed"] == seed)]
     if not rows:
         return ""
     dense = next((r for r in rows if r["variant"] == "dense"), None)
@@ -279,7 +374,8 @@ def table(results: list[dict], task: str) -> str:
     sparse = next((r["compression"] for r in rows if r["compression"]["mode"] == "sparse"), None)
     knobs = (f"; sparse variants: min_sparse_numel={sparse['min_sparse_numel']}, small tensors dense "
              f"{sparse['dense_dtype']}, zstd level {sparse['zstd_level']}" if sparse else "")
-    head = (f"**{task}** ({r0['sites']} sites, {r0['numel']:,} parameters, {r0['rounds']} rounds; dense float32 update "
+    head = (f"**{task}**{'' if seed is None else f', seed {seed}'} ({r0['sites']} sites, {r0['numel']:,} parameters, "
+            f"{r0['rounds']} rounds; dense float32 update "
             f"= {_size(4 * r0['numel'])}{knobs})\n\n")
     cols = ["variant", "final acc", "Δ vs dense (pts)"]
     if "global_test_accuracy" in r0:
@@ -304,6 +400,67 @@ def table(results: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 3, sign: bool = False) -> str:
+    xs = np.array(values, dtype=float) * scale
+    mean = f"{xs.mean():+.{digits}f}" if sign else f"{xs.mean():.{digits}f}"
+    return mean if xs.size < 2 else f"{mean} ± {xs.std(ddof=1):.{digits}f}"
+
+
+def seed_summary(results: list[dict], task: str) -> tuple[str, list[dict]]:
+    """Per variant over seeds: mean ± sample std of accuracies, of their deltas against the
+    dense run of the same seed, of update size and of the ratio to dense float32."""
+    rows = [r for r in results if r["task"] == task and not r["no_delta"]]
+    dense = {r["seed"]: r for r in rows if r["variant"] == "dense"}
+    held_out = all("global_test_accuracy" in r for r in rows)
+    summary, lines = [], []
+    cols = ["variant", "seeds", "pooled acc", "Δ pooled (pts)"]
+    if held_out:
+        cols += ["held-out acc", "Δ held-out (pts)"]
+    cols += ["uplink / update", "× fewer than dense f32", "min..max over seeds"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant]
+        paired = [r for r in runs if r["seed"] in dense]
+        entry = {
+            "variant": variant, "label": LABELS[variant], "seeds": [r["seed"] for r in runs],
+            "pooled": [r["final_accuracy"] for r in runs],
+            "delta_pooled": [r["final_accuracy"] - dense[r["seed"]]["final_accuracy"] for r in paired],
+            "uplink_per_update": [r["uplink_per_update"] for r in runs],
+            "ratio_vs_dense_f32": [r["ratio_vs_dense_f32"] for r in runs],
+        }
+        if held_out:
+            entry["held_out"] = [r["global_test_accuracy"] for r in runs]
+            entry["delta_held_out"] = [r["global_test_accuracy"] - dense[r["seed"]]["global_test_accuracy"]
+                                       for r in paired]
+        summary.append(entry)
+        ratio = entry["ratio_vs_dense_f32"]
+        cells = [LABELS[variant], str(len(runs)), _mean_std(entry["pooled"]),
+                 _mean_std(entry["delta_pooled"], 100, 1, sign=True) if variant != "dense" else "0"]
+        if held_out:
+            cells += [_mean_std(entry["held_out"]),
+                      _mean_std(entry["delta_held_out"], 100, 1, sign=True) if variant != "dense" else "0"]
+        cells += [_size(float(np.mean(entry["uplink_per_update"]))), _mean_std(ratio, digits=1),
+                  f"{min(ratio):.1f}..{max(ratio):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), summary
+
+
+def breakdown_table(results: list[dict], task: str) -> str:
+    """Mean bytes per update, by part, for each sparse variant (all seeds' updates pooled)."""
+    rows = [r for r in results if r["task"] == task and not r["no_delta"] and "update_breakdown_mean" in r]
+    if not rows:
+        return ""
+    parts = ["total", "prefix", "zstd_framing", "header", "header_raw", "positions", "positions_raw", "values",
+             "values_raw", "values_topk_int8", "values_small_int8", "values_dense_f16", "values_dense_f32"]
+    lines = ["| variant | updates | " + " | ".join(parts) + " |", "|" + "---|" * (len(parts) + 2)]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant]
+        n = sum(r["update_breakdown_updates"] for r in runs)
+        mean = {p: sum(r["update_breakdown_mean"][p] * r["update_breakdown_updates"] for r in runs) / n for p in parts}
+        lines.append(f"| {LABELS[variant]} | {n} | " + " | ".join(f"{mean[p]:.0f}" for p in parts) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -312,7 +469,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
     styles = {"dense": ("black", "-"), "k10-ef": ("tab:blue", "-"), "k1-ef": ("tab:orange", "-"),
               "k0_1-ef": ("tab:green", "-"), "k10": ("tab:blue", "--"), "k1": ("tab:orange", "--"),
-              "k0_1": ("tab:green", "--"), "k0_5-ef": ("tab:purple", "-")}
+              "k0_1": ("tab:green", "--"), "k0_5-ef": ("tab:purple", "-"), "k1-ef-f16": ("tab:red", ":")}
     for ax, task in zip(axes[0], tasks):
         for r in results:
             if r["task"] != task or r["no_delta"]:
@@ -355,10 +512,12 @@ def main() -> None:
                     help="tensors smaller than this go dense (default: the codec's 256, which keeps the CNN's "
                          "BatchNorm statistics dense; with 1, top-k + error feedback drives running_var negative "
                          "and the model to NaN within 3 rounds)")
-    ap.add_argument("--digits-dense-dtype", default="float16", choices=["float32", "float16"],
-                    help="dtype of the small tensors sent dense in sparse mode (BN parameters and statistics, "
-                         "biases: 1,322 of the CNN's values); float16 halves what would otherwise be most of a "
-                         "top-1%% update")
+    ap.add_argument("--digits-dense-dtype", default="int8", choices=["float32", "float16", "int8"],
+                    help="dtype of the small tensors sent dense in sparse mode (BN weights and biases, biases: "
+                         "874 of the CNN's values; the 448 BN running statistics always go float16 with int8); "
+                         "int8 with error feedback halves what float16 costs")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="digits only: one run of every variant per seed (split, training seed, initial CNN)")
     ap.add_argument("--heart-min-sparse-numel", type=int, default=1,
                     help="the logreg has 14 parameters, below the default 256: lowered so top-k applies")
     ap.add_argument("--no-delta-rounds", type=int, default=5,
@@ -369,7 +528,12 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--tag", default="compression")
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="run nothing: print the tables and draw the curves of an earlier run's JSON")
     args = ap.parse_args()
+    if args.render:
+        report(json.loads(args.render.read_text())["results"], args.render.with_suffix(".png"))
+        return
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
 
     import torch
@@ -384,22 +548,26 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="fedmq-bench-compression-") as tmp:
             workdir = Path(tmp)
-            tasks = make_tasks(args, broker.url, workdir)
+            tasks = {seed: make_tasks(args, broker.url, workdir, seed) for seed in args.seeds}
+            first = args.seeds[0]
             for name in args.tasks:
-                task = tasks[name]
-                variants = args.variants or [v for v in VARIANTS if not (name == "heart" and v == "k0_5-ef")]
-                for variant in variants:
+                variants = args.variants or (DEFAULT_DIGITS_VARIANTS if name == "digits" else
+                                             [v for v in DEFAULT_DIGITS_VARIANTS if v != "k0_5-ef"])
+                runs = [(seed, v) for seed in (args.seeds if name == "digits" else [first]) for v in variants]
+                for seed, variant in runs:
+                    task = tasks[seed][name]
                     t0 = time.perf_counter()
                     r = run_one(task, variant, broker.url, workdir, rounds=task.rounds, timeout=args.timeout)
                     results.append(r)
-                    print(f"{name:6s} {variant:8s} acc {r['final_accuracy']:.3f} uplink/round "
+                    held = f" held-out {r['global_test_accuracy']:.3f}" if "global_test_accuracy" in r else ""
+                    print(f"{name:6s} seed {seed} {variant:9s} acc {r['final_accuracy']:.3f}{held} uplink/round "
                           f"{_size(r['uplink_per_round'])} ({r['ratio_vs_dense_f32']:.1f}x fewer than dense f32) "
                           f"down/round {_size(r['downlink_with_delta_per_round'])} with delta, "
                           f"{_size(r['downlink_without_delta_per_round'])} without; "
                           f"{time.perf_counter() - t0:.0f}s", flush=True)
             if "digits" in args.tasks and args.no_delta_rounds > 0:
                 for no_delta in (False, True):
-                    r = run_one(tasks["digits"], "k1-ef", broker.url, workdir, rounds=args.no_delta_rounds,
+                    r = run_one(tasks[first]["digits"], "k1-ef", broker.url, workdir, rounds=args.no_delta_rounds,
                                 timeout=args.timeout, no_delta=no_delta, suffix="-short")
                     r["short_run"] = True
                     results.append(r)
@@ -412,19 +580,38 @@ def main() -> None:
     wall = time.perf_counter() - started
     info["wall_seconds"] = round(wall, 1)
     out_json = args.out_dir / f"{args.tag}.json"
-    out_png = args.out_dir / f"{args.tag}.png"
     main_results = [r for r in results if not r.get("short_run")]
-    out_json.write_text(json.dumps({"info": info, "results": results}, indent=1))
+    summary = {name: seed_summary(main_results, name)[1] for name in args.tasks}
+    out_json.write_text(json.dumps({"info": info, "summary": summary, "results": results}, indent=1))
+    report(results, args.out_dir / f"{args.tag}.png")
+    print(f"wrote {out_json}; wall time {wall:.0f}s")
+
+
+def report(results: list[dict], out_png: Path) -> None:
+    """Print every table and draw the curves (first seed) from the runs' results."""
+    main_results = [r for r in results if not r.get("short_run")]
+    seeds = list(dict.fromkeys(r["seed"] for r in main_results))
     if main_results:
-        plot(main_results, out_png)
+        plot([r for r in main_results if r["seed"] == seeds[0]], out_png)
     print()
-    for name in args.tasks:
-        print(table(main_results, name))
+    for name in dict.fromkeys(r["task"] for r in main_results):
+        task_seeds = list(dict.fromkeys(r["seed"] for r in main_results if r["task"] == name))
+        for seed in task_seeds:
+            print(table(main_results, name, seed))
+            print()
+        print(f"**{name}: mean ± std over seeds {task_seeds}** (Δ against the dense run of the same seed)\n")
+        print(seed_summary(main_results, name)[0])
         print()
+        breakdown = breakdown_table(main_results, name)
+        if breakdown:
+            print(f"**{name}: bytes per sparse update, by part** (mean over every stored update)\n")
+            print(breakdown)
+            print()
     short = [r for r in results if r.get("short_run")]
     if short:
-        print(f"**downlink, measured** (digits, top-1% + EF, {args.no_delta_rounds} training rounds + the final "
-              f"evaluation = {args.no_delta_rounds + 1} announcements to 10 sites; payload bytes the agents' transports "
+        rounds = short[0]["rounds"]
+        print(f"**downlink, measured** (digits, top-1% + EF, {rounds} training rounds + the final "
+              f"evaluation = {rounds + 1} announcements to 10 sites; payload bytes the agents' transports "
               "received over the whole run: model blobs, round commands, acks)\n")
         print("| model delta | agents rx, total (measured) | computed: blobs with delta | computed: blobs without delta |")
         print("|---|---:|---:|---:|")
@@ -433,7 +620,7 @@ def main() -> None:
                   f"{_size(r['computed_downlink_total_with_delta'])} | "
                   f"{_size(r['computed_downlink_total_without_delta'])} |")
         print()
-    print(f"wrote {out_json} and {out_png}; wall time {wall:.0f}s")
+    print(f"curves: {out_png}")
 
 
 if __name__ == "__main__":

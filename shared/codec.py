@@ -8,25 +8,42 @@ is policy and lives in ``shared.compression``; this module only owns the bytes.
 
 Layout (all integers little-endian)::
 
-    prefix   20 bytes, never compressed: magic "FMQC", u8 format version, u8 flags
+    prefix   20 bytes, never compressed: magic "FMQC", u8 format version (2), u8 flags
              (bit 0: payload is one zstd frame declaring its content size), u16 reserved
              (0), u32 header length, u64 total length of the buffer section
     payload  header (UTF-8 JSON, at most MAX_HEADER_BYTES) then the buffer section,
              optionally zstd-compressed as a single checksummed frame
 
-The header lists, per tensor, its name, shape, dtype ("float32": what the receiver gets),
-encoding and the (offset, length) of each of its buffers within the buffer section.
-Buffers are packed back to back in header order with no gaps, so overlapping or aliased
-buffers cannot be expressed. Encodings:
+The header is ``{"dtype": "float32", "tensors": [...]}``: every tensor decodes to float32,
+and each entry gives the tensor's name, shape and encoding plus what its buffers need
+(``nnz``, ``index_coding``, ``index_bytes``, ``value_dtype``, ``scale``). The buffer section
+holds, back to back with no gaps, first the position buffer of every indexed tensor, then
+the value buffer of every tensor, each group in header order. Every buffer's length
+follows from the header (a value buffer is ``numel`` or ``nnz`` elements of its wire dtype;
+a position buffer is ``index_bytes`` long), so offsets are derived, never trusted, and
+overlapping or aliased buffers cannot be expressed. Grouping like with like lets the
+encoder end a zstd block after the header and after the positions, so JSON, position bytes
+and values each get their own entropy tables. Version 2 replaced version 1 (explicit
+``(offset, length)`` spans and a per-tensor dtype, buffers interleaved per tensor, no
+``dense_i8``); with the same settings a top-1% update of the digits CNN is 7% smaller, and
+``dense_i8`` for its small tensors saves another 10%. Version 1 is refused.
+
+Encodings:
 
 ``dense_f32`` / ``dense_f16``
     every element, little-endian float32 / float16.
+``dense_i8``
+    every element as int8 with a per-tensor float32 ``scale``, decoded as ``q * scale``
+    (-128 is not used): for the small tensors a sparse update sends whole, with error
+    feedback carrying the rounding error to the next round.
 ``sparse``
     ``nnz`` positions plus their values as f32, f16 or int8 (int8 decodes as
     ``q * scale`` with a per-tensor float32 ``scale``; -128 is not used).
 ``delta_exact``
     positions whose float32 bit pattern changed, plus the new bit patterns (u32); applied
     on top of a base model, so it is lossless, NaN and -0.0 included.
+
+Scales are written as the shortest decimal that reads back as the same float32.
 
 Positions are coded per tensor as whichever is smaller (varint wins ties). The decoder
 enforces that choice, so the buffer section is never much larger than the decoded
@@ -49,7 +66,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import zstandard
@@ -58,7 +75,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shared import compression
 
 MAGIC = b"FMQC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_NAME_CHARS = 1024
 MAX_NDIM = 32
@@ -73,7 +90,7 @@ _DELTA_ZSTD_LEVEL = 3
 _PREFIX = struct.Struct("<4sBBHIQ")
 _FLAG_ZSTD = 0x01
 _KNOWN_FLAGS = _FLAG_ZSTD
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+_POPCOUNT = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
 
 _ValueDtype = Literal["f32", "f16", "int8"]
 _VALUE_WIRE_DTYPE: dict[str, str] = {"f32": "<f4", "f16": "<f2", "int8": "i1"}
@@ -88,15 +105,19 @@ class CompressionSettings(BaseModel):
 
     ``quantization`` applies to the values of sparse tensors; dense tensors (all of them in
     dense mode, and tensors under ``min_sparse_numel`` in sparse mode, where index
-    overhead would outweigh the savings) use ``dense_dtype``. ``zstd_level`` 0 disables
-    the zstd stage.
+    overhead would outweigh the savings) use ``dense_dtype``. ``dense_dtype="int8"``
+    (sparse mode only, where error feedback carries the rounding error) quantizes them
+    per tensor like sparse int8 values, except ``dense_tensors``, which then go float16:
+    int8 rounds a statistic's small changes to zero, deferring them just as top-k would.
+    ``stochastic_rounding`` applies to every int8 tensor. ``zstd_level`` 0 disables the
+    zstd stage.
     """
 
     # Not strict: settings also arrive as environment strings ("0.01"), which must validate.
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     mode: Literal["dense", "sparse"] = "dense"
-    dense_dtype: Literal["float32", "float16"] = "float32"
+    dense_dtype: Literal["float32", "float16", "int8"] = "float32"
     topk_fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     topk_count: Annotated[int, Field(ge=1)] | None = None
     quantization: Literal["none", "fp16", "int8"] = "int8"
@@ -118,13 +139,15 @@ class CompressionSettings(BaseModel):
             raise ValueError("topk_fraction/topk_count only apply to mode='sparse'")
         if self.stochastic_rounding and (self.mode != "sparse" or self.quantization != "int8"):
             raise ValueError("stochastic_rounding only applies to mode='sparse' with quantization='int8'")
+        if self.dense_dtype == "int8" and self.mode != "sparse":
+            raise ValueError("dense_dtype='int8' only applies to mode='sparse', where error feedback carries "
+                             "the rounding error")
         return self
 
 
 # --- header schema --------------------------------------------------------------------
 
 _Size = Annotated[int, Field(ge=0, le=2**63 - 1)]
-_Span = tuple[_Size, _Size]  # (offset, length) within the buffer section
 
 
 class _Strict(BaseModel):
@@ -132,31 +155,35 @@ class _Strict(BaseModel):
 
 
 class _Entry(_Strict):
-    buffer_fields: ClassVar[tuple[str, ...]]  # in the order the buffers must appear on the wire
-
     name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     shape: Annotated[tuple[_Size, ...], Field(max_length=MAX_NDIM)]
-    dtype: Literal["float32"]
     encoding: str
 
-    def spans(self) -> list[tuple[str, _Span]]:
-        return [(field, getattr(self, field)) for field in self.buffer_fields]
+    def value_count(self, numel: int) -> int:
+        """Elements in the value buffer."""
+        return numel
+
+    def value_wire(self) -> str:
+        """numpy dtype of the value buffer."""
+        return {"dense_f32": "<f4", "dense_f16": "<f2", "dense_i8": "i1"}[self.encoding]
 
 
 class _DenseEntry(_Entry):
-    buffer_fields = ("values",)
-
     encoding: Literal["dense_f32", "dense_f16"]
-    values: _Span
+
+
+class _DenseInt8Entry(_Entry):
+    encoding: Literal["dense_i8"]
+    scale: float
 
 
 class _IndexedEntry(_Entry):
-    buffer_fields = ("indices", "values")
-
     nnz: _Size
     index_coding: Literal["varint", "bitmap"]
-    indices: _Span
-    values: _Span
+    index_bytes: _Size
+
+    def value_count(self, numel: int) -> int:
+        return self.nnz
 
 
 class _SparseEntry(_IndexedEntry):
@@ -170,17 +197,24 @@ class _SparseEntry(_IndexedEntry):
             raise ValueError("scale must be present exactly when value_dtype is int8")
         return self
 
+    def value_wire(self) -> str:
+        return _VALUE_WIRE_DTYPE[self.value_dtype]
+
 
 class _DeltaEntry(_IndexedEntry):
     encoding: Literal["delta_exact"]
 
+    def value_wire(self) -> str:
+        return "<u4"
 
-_AnyEntry = Annotated[_DenseEntry | _SparseEntry | _DeltaEntry, Field(discriminator="encoding")]
-_UPDATE_ENCODINGS = frozenset({"dense_f32", "dense_f16", "sparse"})
+
+_AnyEntry = Annotated[_DenseEntry | _DenseInt8Entry | _SparseEntry | _DeltaEntry, Field(discriminator="encoding")]
+_UPDATE_ENCODINGS = frozenset({"dense_f32", "dense_f16", "dense_i8", "sparse"})
 _DELTA_ENCODINGS = frozenset({"delta_exact"})
 
 
 class _Header(_Strict):
+    dtype: Literal["float32"]
     tensors: list[_AnyEntry]
 
 
@@ -209,33 +243,38 @@ def check_tensors(tensors: Mapping[str, np.ndarray], *, finite: bool = True) -> 
 
 
 class _Builder:
-    """Accumulates header entries and their buffers with the offsets the format requires."""
+    """Accumulates header entries and their buffers, laid out as the format requires."""
 
     def __init__(self) -> None:
         self._entries: list[_Entry] = []
-        self._buffers: list[memoryview] = []
-        self._offset = 0
+        self._positions: list[memoryview] = []
+        self._values: list[memoryview] = []
 
-    def _span(self, buffer: np.ndarray) -> _Span:
-        view = memoryview(np.ascontiguousarray(buffer)).cast("B")
-        self._buffers.append(view)
-        span = (self._offset, view.nbytes)
-        self._offset += view.nbytes
-        return span
-
-    def _add(self, entry_type: type[_Entry], name: str, **fields: object) -> None:
+    def _add(self, entry_type: type[_Entry], name: str, values: np.ndarray, positions: np.ndarray | None = None,
+             **fields: object) -> None:
+        if positions is not None:
+            fields["index_bytes"] = positions.nbytes
         try:
-            self._entries.append(entry_type(name=name, dtype="float32", **fields))
+            entry = entry_type(name=name, **fields)
         except ValidationError as exc:
             raise CodecError(f"tensor {name!r}: cannot describe it in the header: {_first_error(exc)}") from exc
+        self._entries.append(entry)
+        if positions is not None:
+            self._positions.append(memoryview(np.ascontiguousarray(positions)).cast("B"))
+        self._values.append(memoryview(np.ascontiguousarray(values)).cast("B"))
 
-    def add_dense(self, name: str, array: np.ndarray, dense_dtype: Literal["float32", "float16"]) -> None:
+    def add_dense(self, name: str, array: np.ndarray, dense_dtype: Literal["float32", "float16", "int8"],
+                  rng: np.random.Generator | None = None) -> None:
         flat = array.reshape(-1)
-        if dense_dtype == "float16":
-            encoding, wire = "dense_f16", compression.to_float16(flat).astype("<f2", copy=False)
+        shape = _int_shape(array.shape)
+        if dense_dtype == "int8":
+            wire, scale = compression.quantize_int8(flat, rng=rng)
+            self._add(_DenseInt8Entry, name, wire, shape=shape, encoding="dense_i8", scale=_json_scale(scale))
+        elif dense_dtype == "float16":
+            wire = compression.to_float16(flat).astype("<f2", copy=False)
+            self._add(_DenseEntry, name, wire, shape=shape, encoding="dense_f16")
         else:
-            encoding, wire = "dense_f32", flat.astype("<f4", copy=False)
-        self._add(_DenseEntry, name, shape=_int_shape(array.shape), encoding=encoding, values=self._span(wire))
+            self._add(_DenseEntry, name, flat.astype("<f4", copy=False), shape=shape, encoding="dense_f32")
 
     def add_sparse(self, name: str, array: np.ndarray, indices: np.ndarray, settings: CompressionSettings,
                    rng: np.random.Generator | None) -> None:
@@ -245,38 +284,51 @@ class _Builder:
         value_dtype: _ValueDtype
         if settings.quantization == "int8":
             value_dtype = "int8"
-            wire, scale32 = compression.quantize_int8(values, rng=rng if settings.stochastic_rounding else None)
-            scale = float(scale32)
+            wire, scale32 = compression.quantize_int8(values, rng=rng)
+            scale = _json_scale(scale32)
         elif settings.quantization == "fp16":
             value_dtype, wire = "f16", compression.to_float16(values).astype("<f2", copy=False)
         else:
             value_dtype, wire = "f32", values.astype("<f4", copy=False)
-        self._add(_SparseEntry, name, shape=_int_shape(array.shape), encoding="sparse", nnz=int(indices.size),
-                  index_coding=index_coding, indices=self._span(index_buffer),
-                  value_dtype=value_dtype, values=self._span(wire), scale=scale)
+        self._add(_SparseEntry, name, wire, index_buffer, shape=_int_shape(array.shape), encoding="sparse",
+                  nnz=int(indices.size), index_coding=index_coding, value_dtype=value_dtype, scale=scale)
 
     def add_delta(self, name: str, base: np.ndarray, new: np.ndarray) -> None:
         new_bits = new.reshape(-1).view(np.uint32)
         changed = np.flatnonzero(base.reshape(-1).view(np.uint32) != new_bits)
         index_coding, index_buffer = _encode_positions(changed, new.size)
-        self._add(_DeltaEntry, name, shape=_int_shape(new.shape), encoding="delta_exact", nnz=int(changed.size),
-                  index_coding=index_coding, indices=self._span(index_buffer),
-                  values=self._span(new_bits[changed].astype("<u4", copy=False)))
+        self._add(_DeltaEntry, name, new_bits[changed].astype("<u4", copy=False), index_buffer,
+                  shape=_int_shape(new.shape), encoding="delta_exact", nnz=int(changed.size),
+                  index_coding=index_coding)
 
     def pack(self, zstd_level: int) -> bytes:
-        header = _Header.model_construct(tensors=self._entries).model_dump_json(exclude_none=True).encode()
+        header = (_Header.model_construct(dtype="float32", tensors=self._entries)
+                  .model_dump_json(exclude_none=True).encode())
         if len(header) > MAX_HEADER_BYTES:
             raise CodecError(f"header is {len(header)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+        buffers_len = sum(buffer.nbytes for buffer in self._positions) + sum(buffer.nbytes for buffer in self._values)
         flags = _FLAG_ZSTD if zstd_level else 0
-        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, 0, len(header), self._offset)
+        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, 0, len(header), buffers_len)
         if not zstd_level:
-            return b"".join([prefix, header, *self._buffers])
+            return b"".join([prefix, header, *self._positions, *self._values])
         compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
-        stream = compressor.compressobj(size=len(header) + self._offset)
-        chunks = [prefix, stream.compress(header)]
-        chunks.extend(stream.compress(buffer) for buffer in self._buffers)
+        stream = compressor.compressobj(size=len(header) + buffers_len)
+        chunks = [prefix]
+        # One frame; a block ends after the header and after the positions, so JSON, position
+        # bytes and values each get their own entropy tables.
+        for section in ([header], self._positions, self._values):
+            if section:
+                chunks.extend(stream.compress(buffer) for buffer in section)
+                chunks.append(stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
         chunks.append(stream.flush())
         return b"".join(chunks)
+
+
+def _json_scale(scale: np.float32) -> float:
+    """The float32 scale as the shortest JSON number that reads back as the same float32."""
+    scale = np.float32(scale)
+    short = float(np.format_float_scientific(scale, unique=True))
+    return short if np.float32(short) == scale else float(scale)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -315,14 +367,18 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], settings: CompressionSetti
     if settings.stochastic_rounding and rng is None:
         rng = np.random.default_rng()
     builder = _Builder()
+    int8_rng = rng if settings.stochastic_rounding else None
     for name, array in tensors.items():
         with _about(name):
             if settings.mode == "dense" or array.size < settings.min_sparse_numel or name in settings.dense_tensors:
-                builder.add_dense(name, array, settings.dense_dtype)
+                dense_dtype = settings.dense_dtype
+                if dense_dtype == "int8" and name in settings.dense_tensors:
+                    dense_dtype = "float16"
+                builder.add_dense(name, array, dense_dtype, int8_rng)
             else:
                 flat = array.reshape(-1)
                 indices = compression.select_topk(flat, compression.topk_size(flat.size, settings))
-                builder.add_sparse(name, array, indices, settings, rng)
+                builder.add_sparse(name, array, indices, settings, int8_rng)
     return builder.pack(settings.zstd_level)
 
 
@@ -427,6 +483,15 @@ def _check_bitmap(name: str, raw: np.ndarray, nnz: int, numel: int) -> None:
 
 
 @dataclass(frozen=True)
+class _Placed:
+    """A header entry with the (offset, length) of its buffers, derived by ``_check_layout``."""
+
+    entry: _Entry
+    positions: tuple[int, int] | None
+    values: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class _Part:
     """One tensor after full validation, still compact: what is held between validation and yield."""
 
@@ -483,8 +548,8 @@ def _expected_shapes(expected: object) -> dict[str, tuple[int, ...]]:
 
 
 def _check_layout(entries: Sequence[_Entry], expected: dict[str, tuple[int, ...]], max_decoded_bytes: int,
-                  encodings: frozenset[str], buffers_len: int) -> None:
-    """Everything checkable from the header alone: names, shapes, sizes, buffer lengths."""
+                  encodings: frozenset[str], buffers_len: int) -> list[_Placed]:
+    """Everything checkable from the header alone: names, shapes, sizes, and where each buffer lies."""
     names = [entry.name for entry in entries]
     if len(set(names)) != len(names):
         raise CodecError("header lists a tensor more than once")
@@ -492,7 +557,6 @@ def _check_layout(entries: Sequence[_Entry], expected: dict[str, tuple[int, ...]
         missing, extra = sorted(expected.keys() - set(names)), sorted(set(names) - expected.keys())
         raise CodecError(f"tensor set differs from expected: missing {missing}, unexpected {extra}")
     decoded = 0
-    offset = 0
     for entry in entries:
         name = entry.name
         if entry.shape != expected[name]:
@@ -506,57 +570,62 @@ def _check_layout(entries: Sequence[_Entry], expected: dict[str, tuple[int, ...]
         decoded += 4 * numel
         if decoded > max_decoded_bytes:
             raise CodecError(f"decoded size exceeds max_decoded_bytes={max_decoded_bytes} at tensor {name!r}")
-        for (label, (start, length)), (low, high) in zip(entry.spans(), _length_bounds(entry, numel), strict=True):
-            if start != offset:
-                raise CodecError(f"tensor {name!r}: {label} buffer at offset {start}, expected {offset}")
-            if not low <= length <= high:
-                bound = f"{low}" if low == high else f"{low}..{high}"
-                raise CodecError(f"tensor {name!r}: {label} buffer is {length} bytes, expected {bound}")
-            offset += length
+        if isinstance(entry, _IndexedEntry):
+            _check_index_bytes(entry, numel)
+    # Offsets follow from the lengths: every position buffer, then every value buffer.
+    offset = 0
+    position_spans: list[tuple[int, int] | None] = []
+    for entry in entries:
+        if isinstance(entry, _IndexedEntry):
+            position_spans.append((offset, entry.index_bytes))
+            offset += entry.index_bytes
+        else:
+            position_spans.append(None)
+    placed = []
+    for entry, positions in zip(entries, position_spans, strict=True):
+        length = entry.value_count(math.prod(entry.shape)) * np.dtype(entry.value_wire()).itemsize
+        placed.append(_Placed(entry, positions, (offset, length)))
+        offset += length
     if offset != buffers_len:
         raise CodecError(f"buffers take {offset} bytes but the prefix declares {buffers_len}")
+    return placed
 
 
-def _length_bounds(entry: _Entry, numel: int) -> list[tuple[int, int]]:
-    """Allowed byte length of each buffer, in layout order."""
-    if isinstance(entry, _DenseEntry):
-        size = numel * (4 if entry.encoding == "dense_f32" else 2)
-        return [(size, size)]
-    assert isinstance(entry, _IndexedEntry)
+def _check_index_bytes(entry: _IndexedEntry, numel: int) -> None:
+    """The position buffer's length must be what the chosen coding can produce for ``nnz``."""
     if entry.nnz > numel:
         raise CodecError(f"tensor {entry.name!r}: nnz={entry.nnz} exceeds {numel} elements")
     bitmap_bytes = _bitmap_bytes(numel)
     if entry.index_coding == "bitmap":
-        index_bounds = (bitmap_bytes, bitmap_bytes)
+        low = high = bitmap_bytes
     elif entry.nnz > bitmap_bytes:
         raise CodecError(f"tensor {entry.name!r}: varint indices for nnz={entry.nnz} cannot be shorter than "
                          f"the {bitmap_bytes}-byte bitmap, so the encoder must not choose them")
     else:
-        index_bounds = (entry.nnz, min(entry.nnz * _varint_max_len(numel), bitmap_bytes))
-    itemsize = np.dtype(_VALUE_WIRE_DTYPE[entry.value_dtype]).itemsize if isinstance(entry, _SparseEntry) else 4
-    return [index_bounds, (entry.nnz * itemsize,) * 2]
+        low, high = entry.nnz, min(entry.nnz * _varint_max_len(numel), bitmap_bytes)
+    if not low <= entry.index_bytes <= high:
+        bound = f"{low}" if low == high else f"{low}..{high}"
+        raise CodecError(f"tensor {entry.name!r}: indices buffer is {entry.index_bytes} bytes, expected {bound}")
 
 
-def _validated_part(entry: _Entry, buffers: memoryview) -> _Part:
+def _validated_part(placed: _Placed, buffers: memoryview) -> _Part:
     """Check a tensor's buffer contents (finite values, sane positions) without densifying."""
+    entry = placed.entry
     name = entry.name
     numel = math.prod(entry.shape)
     positions = None
-    if isinstance(entry, _DenseEntry):
-        wire = "<f4" if entry.encoding == "dense_f32" else "<f2"
-        values = np.frombuffer(buffers, dtype=wire, count=numel, offset=entry.values[0])
-    else:
-        assert isinstance(entry, _IndexedEntry)
-        start, length = entry.indices
+    if isinstance(entry, _IndexedEntry):
+        assert placed.positions is not None
+        start, length = placed.positions
         raw = np.frombuffer(buffers, dtype=np.uint8, count=length, offset=start)
         if entry.index_coding == "bitmap":
             _check_bitmap(name, raw, entry.nnz, numel)
             positions = raw
         else:
             positions = _decode_varint(name, raw, entry.nnz, numel)
-        wire = _VALUE_WIRE_DTYPE[entry.value_dtype] if isinstance(entry, _SparseEntry) else "<u4"
-        values = np.frombuffer(buffers, dtype=wire, count=entry.nnz, offset=entry.values[0])
-    if isinstance(entry, _SparseEntry) and entry.value_dtype == "int8":
+    values = np.frombuffer(buffers, dtype=entry.value_wire(), count=entry.value_count(numel),
+                           offset=placed.values[0])
+    if isinstance(entry, _DenseInt8Entry) or (isinstance(entry, _SparseEntry) and entry.value_dtype == "int8"):
         _check_int8(name, values, entry.scale)
     elif not isinstance(entry, _DeltaEntry) and not np.isfinite(values).all():
         raise CodecError(f"tensor {name!r}: values contain NaN or Inf")
@@ -625,7 +694,7 @@ def _parse(data: bytes, expected: Mapping[str, tuple[int, ...]], max_decoded_byt
             header = _Header.model_validate_json(_header_bytes(payload, compressed, header_len, buffers_len))
         except ValidationError as exc:
             raise CodecError(f"invalid header: {_first_error(exc)}") from exc
-        _check_layout(header.tensors, shapes, max_decoded_bytes, encodings, buffers_len)
+        placed = _check_layout(header.tensors, shapes, max_decoded_bytes, encodings, buffers_len)
         if compressed:
             # One-shot: libzstd checks the frame is complete, its checksum, and that nothing follows.
             buffers = memoryview(_decompressor().decompress(payload, allow_extra_data=False))[header_len:]
@@ -633,13 +702,15 @@ def _parse(data: bytes, expected: Mapping[str, tuple[int, ...]], max_decoded_byt
             buffers = payload[header_len:]
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt zstd payload: {exc}") from exc
-    return [_validated_part(entry, buffers) for entry in header.tensors]
+    return [_validated_part(part, buffers) for part in placed]
 
 
 def _densify(part: _Part) -> np.ndarray:
     entry = part.entry
     if isinstance(entry, _DenseEntry):
         return part.values.astype(np.float32).reshape(entry.shape)
+    if isinstance(entry, _DenseInt8Entry):
+        return compression.dequantize_int8(part.values, np.float32(entry.scale)).reshape(entry.shape)
     assert isinstance(entry, _SparseEntry)
     if entry.value_dtype == "int8":
         values = compression.dequantize_int8(part.values, np.float32(entry.scale))

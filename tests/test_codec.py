@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import time
 import tracemalloc
@@ -17,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from shared import compression
+from shared import codec, compression
 from shared.codec import (
+    FORMAT_VERSION,
     MAX_HEADER_BYTES,
     CodecError,
     CompressionSettings,
@@ -60,8 +62,27 @@ def split_message(data: bytes) -> tuple[dict, bytes]:
     return json.loads(payload[:header_len]), payload[header_len:]
 
 
+ITEMSIZE = {"dense_f32": 4, "dense_f16": 2, "dense_i8": 1, "delta_exact": 4, "f32": 4, "f16": 2, "int8": 1}
+
+
+def spans_of(header: dict) -> dict[str, dict[str, tuple[int, int]]]:
+    """(offset, length) of every tensor's buffers, derived as the format documents: positions first."""
+    spans: dict[str, dict[str, tuple[int, int]]] = {entry["name"]: {} for entry in header["tensors"]}
+    offset = 0
+    for entry in header["tensors"]:
+        if "index_bytes" in entry:
+            spans[entry["name"]]["indices"] = (offset, entry["index_bytes"])
+            offset += entry["index_bytes"]
+    for entry in header["tensors"]:
+        count = entry["nnz"] if "nnz" in entry else math.prod(entry["shape"])
+        size = count * ITEMSIZE[entry.get("value_dtype", entry["encoding"])]
+        spans[entry["name"]]["values"] = (offset, size)
+        offset += size
+    return spans
+
+
 def build_message(header: dict | bytes, buffers: bytes, *, compress: bool = False, header_len: int | None = None,
-                  buffers_len: int | None = None, version: int = 1, flags: int | None = None,
+                  buffers_len: int | None = None, version: int = FORMAT_VERSION, flags: int | None = None,
                   magic: bytes = b"FMQC") -> bytes:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     prefix = PREFIX.pack(magic, version, (1 if compress else 0) if flags is None else flags, 0,
@@ -74,12 +95,11 @@ def build_message(header: dict | bytes, buffers: bytes, *, compress: bool = Fals
 def sparse_message(index_bytes: bytes, values: np.ndarray, *, nnz: int, shape: tuple[int, ...] = (16,),
                    coding: str = "varint", value_dtype: str = "f32", scale: float | None = None) -> bytes:
     """A hand-made one-tensor sparse message named 'w', for crafting bad index/value buffers."""
-    entry = {"name": "w", "shape": list(shape), "dtype": "float32", "encoding": "sparse", "nnz": nnz,
-             "index_coding": coding, "indices": [0, len(index_bytes)], "value_dtype": value_dtype,
-             "values": [len(index_bytes), values.nbytes]}
+    entry = {"name": "w", "shape": list(shape), "encoding": "sparse", "nnz": nnz, "index_coding": coding,
+             "index_bytes": len(index_bytes), "value_dtype": value_dtype}
     if scale is not None:
         entry["scale"] = scale
-    return build_message({"tensors": [entry]}, index_bytes + values.tobytes())
+    return build_message({"dtype": "float32", "tensors": [entry]}, index_bytes + values.tobytes())
 
 
 def decode_or_codec_error(data: bytes, expected: dict[str, tuple[int, ...]]) -> str:
@@ -228,7 +248,7 @@ def test_position_coding_picks_the_smaller(fraction: float, coding: str) -> None
     (entry,) = split_message(data)[0]["tensors"]
     assert entry["index_coding"] == coding
     k = round(fraction * flat.size)
-    index_bytes = entry["indices"][1]
+    index_bytes = entry["index_bytes"]
     if coding == "varint":
         assert k <= index_bytes < flat.size // 8
     else:
@@ -244,7 +264,7 @@ def test_varint_positions_with_multi_byte_gaps() -> None:
     config = CompressionSettings(mode="sparse", topk_count=len(positions), quantization="none")
     data = encode_tensors({"w": flat}, config)
     (entry,) = split_message(data)[0]["tensors"]
-    assert entry["index_coding"] == "varint" and entry["indices"][1] == 1 + 1 + 2 + 3 + 4 + 3
+    assert entry["index_coding"] == "varint" and entry["index_bytes"] == 1 + 1 + 2 + 3 + 4 + 3
     got = decode_tensors(data, {"w": flat.shape}, max_decoded_bytes=LIMIT)["w"]
     assert np.array_equal(got, flat)
 
@@ -255,12 +275,121 @@ def test_one_percent_int8_of_a_million_floats_is_over_100x_smaller() -> None:
     assert flat.nbytes / len(data) >= 100, len(data)
 
 
+SMALL_INT8 = CompressionSettings(mode="sparse", topk_fraction=0.05, dense_dtype="int8")
+
+
+def test_dense_int8_small_tensors_within_half_scale() -> None:
+    model = make_model(12)
+    model["zeros"] = np.zeros(7, np.float32)
+    model["empty"] = np.zeros((0, 3), np.float32)
+    data = encode_tensors(model, SMALL_INT8)
+    header, _ = split_message(data)
+    entries = {entry["name"]: entry for entry in header["tensors"]}
+    out = decode_tensors(data, shapes_of(model), max_decoded_bytes=LIMIT)
+    for name in ("conv.bias", "fc.bias", "zeros", "empty"):
+        assert entries[name]["encoding"] == "dense_i8"
+        flat = model[name].reshape(-1)
+        scale = np.float32(entries[name]["scale"])
+        assert scale == np.float32(float(np.abs(flat).max(initial=0.0)) / 127)
+        assert out[name].shape == model[name].shape
+        assert np.all(np.abs(out[name].reshape(-1) - flat) <= scale / 2 * (1 + 1e-5))
+    assert entries["fc.weight"]["encoding"] == "sparse"
+    assert not out["zeros"].any()
+
+
+def test_dense_int8_stochastic_rounding_is_unbiased() -> None:
+    flat = np.linspace(-1, 1, 201, dtype=np.float32)
+    config = CompressionSettings(mode="sparse", topk_fraction=0.5, dense_dtype="int8", stochastic_rounding=True)
+    rng = np.random.default_rng(13)
+    decoded = np.stack([decode_tensors(encode_tensors({"b": flat}, config, rng=rng), {"b": flat.shape},
+                                       max_decoded_bytes=LIMIT)["b"] for _ in range(300)])
+    scale = np.float32(1 / 127)
+    assert np.abs(decoded - flat).max() <= scale * (1 + 1e-5)
+    assert np.abs((decoded - flat).mean(axis=0)).mean() < scale * 0.06
+
+
+def test_dense_int8_keeps_named_dense_tensors_in_float16_and_needs_sparse_mode() -> None:
+    rng = np.random.default_rng(14)
+    tensors = {"bn.running_var": rng.random(64, dtype=np.float32) * 1e-2 + 1e-3,
+               "bn.weight": rng.random(64, dtype=np.float32)}
+    config = CompressionSettings(mode="sparse", topk_fraction=0.01, dense_dtype="int8",
+                                 dense_tensors=("bn.running_var",))
+    data = encode_tensors(tensors, config)
+    encodings = {entry["name"]: entry["encoding"] for entry in split_message(data)[0]["tensors"]}
+    assert encodings == {"bn.running_var": "dense_f16", "bn.weight": "dense_i8"}
+    out = decode_tensors(data, shapes_of(tensors), max_decoded_bytes=LIMIT)
+    np.testing.assert_allclose(out["bn.running_var"], tensors["bn.running_var"], rtol=2.0**-11)
+    with pytest.raises(ValidationError, match="only applies to mode='sparse'"):
+        CompressionSettings(dense_dtype="int8")
+
+
+@given(st.floats(min_value=0.0, max_value=float(np.finfo(np.float32).max / np.float32(127)), width=32))
+@settings(max_examples=300, deadline=None)
+def test_scales_travel_as_short_decimals_that_read_back_exactly(scale: float) -> None:
+    wire = codec._json_scale(np.float32(scale))
+    assert np.float32(json.loads(json.dumps(wire))) == np.float32(scale)
+    assert len(repr(wire)) <= len(repr(float(np.float32(scale))))
+
+
+ITEMSIZE_DTYPE = {"f32": "<f4", "f16": "<f2", "int8": "i1"}
+
+
+def positions_by_hand(raw: bytes, entry: dict, numel: int) -> np.ndarray:
+    """Positions from a varint gap stream or a bitmap, the slow obvious way."""
+    if entry["index_coding"] == "bitmap":
+        return np.flatnonzero(np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:numel])
+    gaps, value, shift = [], 0, 0
+    for byte in raw:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            gaps.append(value)
+            value, shift = 0, 0
+    return np.cumsum(gaps, dtype=np.int64) - 1
+
+
+def test_layout_is_positions_then_values_in_header_order() -> None:
+    """The documented layout, restated: decoding by hand with spans_of gives what the decoder gives."""
+    model = make_model(15)
+    for config in (SPARSE_F32, SMALL_INT8.model_copy(update={"zstd_level": 0})):
+        data = encode_tensors(model, config)
+        header, buffers = split_message(data)
+        assert header["dtype"] == "float32" and set(header) == {"dtype", "tensors"}
+        spans = spans_of(header)
+        assert sum(length for tensor in spans.values() for _, length in tensor.values()) == len(buffers)
+        first_value = min(start for tensor in spans.values() for start, _ in [tensor["values"]])
+        assert all(tensor["indices"][0] < first_value for tensor in spans.values() if "indices" in tensor)
+        out = decode_tensors(data, shapes_of(model), max_decoded_bytes=LIMIT)
+        for entry in header["tensors"]:
+            start, length = spans[entry["name"]]["values"]
+            raw = buffers[start:start + length]
+            if entry["encoding"] == "dense_i8":
+                expected = np.frombuffer(raw, np.int8).astype(np.float32) * np.float32(entry["scale"])
+                assert np.array_equal(out[entry["name"]].reshape(-1), expected)
+            elif entry["encoding"] == "sparse":
+                start, length = spans[entry["name"]]["indices"]
+                positions = positions_by_hand(buffers[start:start + length], entry, math.prod(entry["shape"]))
+                values = np.frombuffer(raw, ITEMSIZE_DTYPE[entry["value_dtype"]]).astype(np.float32)
+                if "scale" in entry:
+                    values = values * np.float32(entry["scale"])
+                assert np.array_equal(out[entry["name"]].reshape(-1)[positions], values)
+                assert np.count_nonzero(out[entry["name"]]) == np.count_nonzero(values)
+
+
+def test_version_1_messages_are_refused_by_name() -> None:
+    data = bytearray(encode_tensors(make_model(), CompressionSettings()))
+    data[4] = 1
+    with pytest.raises(CodecError, match="unsupported format version 1, this decoder reads 2"):
+        decode_tensors(bytes(data), shapes_of(make_model()), max_decoded_bytes=LIMIT)
+
+
 def test_iter_decoded_validates_the_whole_update_before_the_first_tensor() -> None:
     model = make_model()
     header, buffers = split_message(encode_tensors(model, CompressionSettings(zstd_level=0)))
     last = header["tensors"][-1]
     bad = bytearray(buffers)
-    bad[last["values"][0]:last["values"][0] + 4] = np.float32(np.nan).tobytes()
+    start, _ = spans_of(header)[last["name"]]["values"]
+    bad[start:start + 4] = np.float32(np.nan).tobytes()
     with pytest.raises(CodecError, match=rf"{last['name']}.*NaN"):
         iter_decoded(build_message(header, bytes(bad)), shapes_of(model), max_decoded_bytes=LIMIT)
     good = iter_decoded(build_message(header, buffers), shapes_of(model), max_decoded_bytes=LIMIT)
@@ -422,6 +551,21 @@ def test_error_feedback_loses_nothing(tmp_path: Path) -> None:
     assert np.linalg.norm(sent["w"] - true_w) < np.linalg.norm(without - true_w)
 
 
+def test_error_feedback_carries_the_int8_rounding_of_small_tensors() -> None:
+    feedback = ErrorFeedback(None)
+    config = EF_SETTINGS.model_copy(update={"dense_dtype": "int8"})
+    deltas = rounds_of_deltas(6)
+    sent = np.zeros(50)
+    for i, delta in enumerate(deltas):
+        data = feedback.encode(delta, config, update_id=f"r{i}", rng=np.random.default_rng(i))
+        sent += decode_tensors(data, shapes_of(delta), max_decoded_bytes=LIMIT)["b"]
+        feedback.commit(f"r{i}")
+    residual = feedback.residual["b"]
+    assert residual.any(), "int8 rounding of the dense 'b' must leave a residual"
+    np.testing.assert_allclose(sent + residual, np.sum([d["b"] for d in deltas], axis=0), atol=1e-6)
+    assert np.abs(residual).max() < 1e-2 / 127 * 4  # one step of the int8 grid, not whole updates
+
+
 def test_error_feedback_residual_and_pending_update_survive_restart(tmp_path: Path) -> None:
     path = tmp_path / "state" / "ef.npz"
     deltas = rounds_of_deltas(2)
@@ -537,7 +681,8 @@ def valid_messages() -> list[bytes]:
         CompressionSettings(zstd_level=0), CompressionSettings(),
         CompressionSettings(mode="sparse", topk_fraction=0.1, zstd_level=0),
         CompressionSettings(mode="sparse", topk_fraction=0.6, quantization="fp16", zstd_level=0),
-        CompressionSettings(mode="sparse", topk_fraction=0.1))]
+        CompressionSettings(mode="sparse", topk_fraction=0.1),
+        CompressionSettings(mode="sparse", topk_fraction=0.1, dense_dtype="int8", zstd_level=0))]
 
 
 VALID = valid_messages()
@@ -555,7 +700,7 @@ def test_arbitrary_bytes_raise_codec_error(data: bytes) -> None:
 @HOSTILE
 def test_arbitrary_payload_behind_a_valid_prefix(payload: bytes, flags: int, header_len: int,
                                                  buffers_len: int) -> None:
-    data = PREFIX.pack(b"FMQC", 1, flags, 0, header_len, buffers_len) + payload
+    data = PREFIX.pack(b"FMQC", FORMAT_VERSION, flags, 0, header_len, buffers_len) + payload
     with pytest.raises(CodecError):
         decode_tensors(data, EXPECTED, max_decoded_bytes=LIMIT)
 
@@ -587,7 +732,7 @@ JSON_JUNK = st.recursive(
     max_leaves=8)
 
 
-@given(st.sampled_from([0, 2, 3]), st.data())
+@given(st.sampled_from([0, 2, 3, 5]), st.data())
 @HOSTILE
 def test_mutated_headers_give_codec_error_or_a_valid_update(which: int, data: st.DataObject) -> None:
     header, buffers = split_message(VALID[which])
@@ -600,12 +745,12 @@ def test_mutated_headers_give_codec_error_or_a_valid_update(which: int, data: st
     assert decode_or_codec_error(message, EXPECTED) in ("rejected", "valid")
 
 
-@given(st.sampled_from([2, 3]), st.data())
+@given(st.sampled_from([2, 3, 5]), st.data())
 @HOSTILE
 def test_mutated_index_buffers_give_codec_error_or_a_valid_update(which: int, data: st.DataObject) -> None:
     header, buffers = split_message(VALID[which])
     entry = data.draw(st.sampled_from([e for e in header["tensors"] if e["encoding"] == "sparse"]))
-    start, length = entry["indices"]
+    start, length = spans_of(header)[entry["name"]]["indices"]
     junk = data.draw(st.binary(min_size=length, max_size=length))
     message = build_message(header, buffers[:start] + junk + buffers[start + length:])
     assert decode_or_codec_error(message, EXPECTED) in ("rejected", "valid")
@@ -614,61 +759,65 @@ def test_mutated_index_buffers_give_codec_error_or_a_valid_update(which: int, da
 F32 = np.dtype("<f4")
 
 
-def dense_header(shape: list[int], length: int, name: str = "w") -> dict:
-    return {"tensors": [{"name": name, "shape": shape, "dtype": "float32", "encoding": "dense_f32",
-                         "values": [0, length]}]}
+def dense_header(shape: list[int], name: str = "w") -> dict:
+    return {"dtype": "float32", "tensors": [{"name": name, "shape": shape, "encoding": "dense_f32"}]}
+
+
+def dense_i8_header(shape: list[int], scale: float | None) -> dict:
+    entry = {"name": "w", "shape": shape, "encoding": "dense_i8"}
+    return {"dtype": "float32", "tensors": [entry if scale is None else {**entry, "scale": scale}]}
 
 
 @pytest.mark.parametrize(("data", "expected", "message"), [
     pytest.param(b"FMQC", {"w": (4,)}, "shorter than", id="short"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16), magic=b"PK\x03\x04"), {"w": (4,)}, "magic",
+    pytest.param(build_message(dense_header([4]), bytes(16), magic=b"PK\x03\x04"), {"w": (4,)}, "magic",
                  id="magic"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16), version=2), {"w": (4,)}, "version 2",
+    pytest.param(build_message(dense_header([4]), bytes(16), version=3), {"w": (4,)}, "version 3",
                  id="version"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16), flags=0x80), {"w": (4,)}, "flags", id="flags"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16), header_len=10**6), {"w": (4,)},
+    pytest.param(build_message(dense_header([4]), bytes(16), flags=0x80), {"w": (4,)}, "flags", id="flags"),
+    pytest.param(build_message(dense_header([4]), bytes(16), header_len=10**6), {"w": (4,)},
                  "prefix declares", id="header-past-end"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16), compress=True, header_len=1000), {"w": (4,)},
-                 "zstd frame declares 122 bytes, prefix declares 1016", id="compressed-header-past-end"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16), header_len=MAX_HEADER_BYTES + 1), {"w": (4,)},
+    pytest.param(build_message(dense_header([4]), bytes(16), compress=True, header_len=1000), {"w": (4,)},
+                 "zstd frame declares 103 bytes, prefix declares 1016", id="compressed-header-past-end"),
+    pytest.param(build_message(dense_header([4]), bytes(16), header_len=MAX_HEADER_BYTES + 1), {"w": (4,)},
                  "header length", id="header-too-big"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16), buffers_len=2**64 - 1), {"w": (4,)},
+    pytest.param(build_message(dense_header([4]), bytes(16), buffers_len=2**64 - 1), {"w": (4,)},
                  "prefix declares", id="buffers-past-end"),
     pytest.param(build_message(b"[" * 100_000, b""), {"w": (4,)}, "invalid header", id="deep-json"),
     pytest.param(build_message(b"\xff\xfe{}", b""), {"w": (4,)}, "invalid header", id="not-utf8"),
-    pytest.param(build_message(dense_header([2**40, 2**40], 16), bytes(16)), {"w": (4,)}, "shape",
+    pytest.param(build_message(dense_header([2**40, 2**40]), bytes(16)), {"w": (4,)}, "shape",
                  id="huge-shape"),
-    pytest.param(build_message(dense_header([2**62, 2**62, 2**62], 16), bytes(16)), {"w": (2**62,) * 3},
+    pytest.param(build_message(dense_header([2**62, 2**62, 2**62]), bytes(16)), {"w": (2**62,) * 3},
                  "exceeds", id="shape-product-overflow"),
-    pytest.param(build_message(dense_header([2**62, 4], 16), bytes(16)), {"w": (2**62, 4)}, "exceeds",
+    pytest.param(build_message(dense_header([2**62, 4]), bytes(16)), {"w": (2**62, 4)}, "exceeds",
                  id="huge-expected"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16)), {"w": (4,), "b": (1,)}, "missing \\['b'\\]",
+    pytest.param(build_message(dense_header([4]), bytes(16)), {"w": (4,), "b": (1,)}, "missing \\['b'\\]",
                  id="missing-tensor"),
-    pytest.param(build_message(dense_header([4], 16, name="v"), bytes(16)), {"w": (4,)}, "unexpected \\['v'\\]",
+    pytest.param(build_message(dense_header([4], name="v"), bytes(16)), {"w": (4,)}, "unexpected \\['v'\\]",
                  id="unexpected-tensor"),
-    pytest.param(build_message({"tensors": dense_header([1], 4)["tensors"] * 2}, bytes(8)), {"w": (1,)},
+    pytest.param(build_message({"dtype": "float32", "tensors": dense_header([1])["tensors"] * 2}, bytes(8)), {"w": (1,)},
                  "more than once", id="duplicate-name"),
-    pytest.param(build_message(dense_header([4], 12), bytes(12)), {"w": (4,)}, "12 bytes, expected 16",
+    pytest.param(build_message(dense_header([4]), bytes(12)), {"w": (4,)}, "take 16 bytes but the prefix declares 12",
                  id="short-buffer"),
-    pytest.param(build_message({"tensors": [{**dense_header([4], 16)["tensors"][0], "values": [4, 16]}]}, bytes(20)),
-                 {"w": (4,)}, "offset 4, expected 0", id="gap"),
-    pytest.param(build_message({"tensors": [{**dense_header([4], 16)["tensors"][0], "extra": 1}]}, bytes(16)),
+    pytest.param(build_message({"dtype": "float32", "tensors": [{**dense_header([4])["tensors"][0], "values": [4, 16]}]},
+                               bytes(20)), {"w": (4,)}, "invalid header", id="gap"),  # offsets are derived, never given
+    pytest.param(build_message({"dtype": "float32", "tensors": [{**dense_header([4])["tensors"][0], "extra": 1}]}, bytes(16)),
                  {"w": (4,)}, "invalid header", id="extra-field"),
-    pytest.param(build_message({"tensors": [{**dense_header([4], 16)["tensors"][0], "shape": [True] * 4}]},
+    pytest.param(build_message({"dtype": "float32", "tensors": [{**dense_header([4])["tensors"][0], "shape": [True] * 4}]},
                                bytes(16)), {"w": (1, 1, 1, 1)}, "invalid header", id="bool-dim"),
-    pytest.param(build_message({"tensors": [{**dense_header([4], 16)["tensors"][0], "shape": [1] * 33}]},
+    pytest.param(build_message({"dtype": "float32", "tensors": [{**dense_header([4])["tensors"][0], "shape": [1] * 33}]},
                                bytes(16)), {"w": (1,) * 33}, "invalid header", id="too-many-dims"),
-    pytest.param(build_message(dense_header([4], 16), np.array([0, 1, np.nan, 2], F32).tobytes()), {"w": (4,)},
+    pytest.param(build_message(dense_header([4]), np.array([0, 1, np.nan, 2], F32).tobytes()), {"w": (4,)},
                  "NaN or Inf", id="nan"),
-    pytest.param(build_message({"tensors": [{**dense_header([4], 8)["tensors"][0], "encoding": "dense_f16"}]},
+    pytest.param(build_message({"dtype": "float32", "tensors": [{**dense_header([4])["tensors"][0], "encoding": "dense_f16"}]},
                                np.array([0, 1, -np.inf, 2], "<f2").tobytes()), {"w": (4,)}, "NaN or Inf",
                  id="inf-f16"),
-    pytest.param(build_message(dense_header([4], 16), bytes(17), buffers_len=16), {"w": (4,)}, "prefix declares",
+    pytest.param(build_message(dense_header([4]), bytes(17), buffers_len=16), {"w": (4,)}, "prefix declares",
                  id="trailing-bytes"),
-    pytest.param(build_message(dense_header([4], 16), bytes(20)), {"w": (4,)}, "buffers take 16 bytes",
+    pytest.param(build_message(dense_header([4]), bytes(20)), {"w": (4,)}, "buffers take 16 bytes",
                  id="buffers-longer-than-header"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16)), {"w": "4"}, "expected shape", id="bad-expected"),
-    pytest.param(build_message(dense_header([4], 16), bytes(16)), {"w": (True,)}, "expected shape",
+    pytest.param(build_message(dense_header([4]), bytes(16)), {"w": "4"}, "expected shape", id="bad-expected"),
+    pytest.param(build_message(dense_header([4]), bytes(16)), {"w": (True,)}, "expected shape",
                  id="bool-expected"),
     pytest.param("not bytes", {"w": (4,)}, "expected bytes", id="not-bytes"),
     pytest.param(sparse_message(bytes([1, 0]), np.ones(2, F32), nnz=2), {"w": (16,)}, "duplicate index",
@@ -707,6 +856,23 @@ def dense_header(shape: list[int], length: int, name: str = "w") -> dict:
                                 scale=float("nan")), {"w": (16,)}, "invalid header", id="nan-scale"),
     pytest.param(sparse_message(bytes([1, 1]), np.array([1, 2], np.int8), nnz=2, value_dtype="int8"),
                  {"w": (16,)}, "scale must be present", id="int8-without-scale"),
+    pytest.param(build_message(dense_i8_header([4], 0.5), np.array([1, -128, 0, 3], np.int8).tobytes()),
+                 {"w": (4,)}, "-128", id="dense-i8-minus-128"),
+    pytest.param(build_message(dense_i8_header([4], -0.5), bytes(4)), {"w": (4,)}, "scale", id="dense-i8-negative-scale"),
+    pytest.param(build_message(dense_i8_header([4], 3e38), bytes(4)), {"w": (4,)}, "scale",
+                 id="dense-i8-overflowing-scale"),
+    pytest.param(build_message(dense_i8_header([4], None), bytes(4)), {"w": (4,)}, "invalid header",
+                 id="dense-i8-without-scale"),
+    pytest.param(build_message(dense_i8_header([4], 0.5), bytes(5)), {"w": (4,)},
+                 "take 4 bytes but the prefix declares 5", id="dense-i8-long-buffer"),
+    pytest.param(build_message({"tensors": dense_header([4])["tensors"]}, bytes(16)), {"w": (4,)}, "invalid header",
+                 id="no-dtype"),
+    pytest.param(build_message({**dense_header([4]), "dtype": "float64"}, bytes(16)), {"w": (4,)}, "invalid header",
+                 id="wrong-dtype"),
+    pytest.param(build_message({"dtype": "float32", "tensors": [
+        {"name": "w", "shape": [16], "encoding": "sparse", "nnz": 2, "index_coding": "varint",
+         "index_bytes": 2**63 - 1, "value_dtype": "f32"}]}, bytes(10)), {"w": (16,)},
+        "indices buffer is 9223372036854775807 bytes, expected 2", id="huge-index-bytes"),
 ])
 def test_hostile_messages_name_the_problem(data: bytes, expected: dict, message: str) -> None:
     started = time.perf_counter()
@@ -752,18 +918,18 @@ def bounded(call: Callable[[], object]) -> tuple[float, int]:
 
 
 def test_zstd_bomb_in_the_header(zstd_zeros: bytes) -> None:
-    data = PREFIX.pack(b"FMQC", 1, 1, 0, MAX_HEADER_BYTES, 0) + zstd_zeros
+    data = PREFIX.pack(b"FMQC", FORMAT_VERSION, 1, 0, MAX_HEADER_BYTES, 0) + zstd_zeros
     seconds, peak = bounded(lambda: decode_tensors(data, {"w": (4,)}, max_decoded_bytes=LIMIT))
     assert seconds < 1.0 and peak < 3 * MAX_HEADER_BYTES
 
 
 def test_zstd_frame_larger_than_declared_is_refused(zstd_zeros: bytes) -> None:
-    header = json.dumps(dense_header([4], 16)).encode()
+    header = json.dumps(dense_header([4])).encode()
     stream = zstandard.ZstdCompressor(level=1).compressobj()  # no declared content size
     chunk = bytes(1 << 20)
     frame = b"".join([stream.compress(header + bytes(16)), *(stream.compress(chunk) for _ in range(64)),
                       stream.flush()])
-    data = PREFIX.pack(b"FMQC", 1, 1, 0, len(header), 16) + frame
+    data = PREFIX.pack(b"FMQC", FORMAT_VERSION, 1, 0, len(header), 16) + frame
     seconds, peak = bounded(lambda: decode_tensors(data, {"w": (4,)}, max_decoded_bytes=LIMIT))
     assert seconds < 1.0 and peak < 1 << 20
     # A bomb frame appended to a valid message is refused the same way.
@@ -775,20 +941,20 @@ def test_zstd_frame_larger_than_declared_is_refused(zstd_zeros: bytes) -> None:
 
 
 def test_huge_declared_tensor_is_refused_before_decompressing() -> None:
-    header = json.dumps(dense_header([2**26], 2**28)).encode()  # 256 MiB of zeros would be valid floats
+    header = json.dumps(dense_header([2**26])).encode()  # 256 MiB of zeros would be valid floats
     stream = zstandard.ZstdCompressor(level=1).compressobj(size=len(header) + 2**28)
     chunk = bytes(1 << 20)
     frame = b"".join([stream.compress(header), *(stream.compress(chunk) for _ in range(256)), stream.flush()])
-    data = PREFIX.pack(b"FMQC", 1, 1, 0, len(header), 2**28) + frame
+    data = PREFIX.pack(b"FMQC", FORMAT_VERSION, 1, 0, len(header), 2**28) + frame
     seconds, peak = bounded(lambda: decode_tensors(data, {"w": (2**26,)}, max_decoded_bytes=LIMIT))
     assert seconds < 1.0 and peak < 1 << 20
 
 
 def test_zstd_frame_with_oversized_window_is_refused() -> None:
     params = zstandard.ZstdCompressionParameters.from_level(19, window_log=27)
-    header = json.dumps(dense_header([4], 16)).encode()
+    header = json.dumps(dense_header([4])).encode()
     frame = zstandard.ZstdCompressor(compression_params=params).compressobj()
-    data = PREFIX.pack(b"FMQC", 1, 1, 0, len(header), 16) + frame.compress(header + bytes(16)) + frame.flush()
+    data = PREFIX.pack(b"FMQC", FORMAT_VERSION, 1, 0, len(header), 16) + frame.compress(header + bytes(16)) + frame.flush()
     with pytest.raises(CodecError, match="zstd"):
         decode_tensors(data, {"w": (4,)}, max_decoded_bytes=LIMIT)
 

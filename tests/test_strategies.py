@@ -78,6 +78,62 @@ def test_fedavg_accumulates_in_float64() -> None:
     assert new["w"][0] == np.float32(1 / 3)
 
 
+def test_fedavg_over_many_slices_matches_the_one_expression_mean_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    global_weights = {"w": rng.standard_normal((300, 701)).astype(np.float32),  # > 3 fold slices
+                      "s": np.array(0.25, dtype=np.float32)}
+    updates = [(f"s{i}", 10 + 7 * i, {name: rng.standard_normal(w.shape).astype(np.float32) * 1e-3
+                                      for name, w in global_weights.items()}) for i in range(4)]
+    new = run_round(build("fedavg"), global_weights, updates)
+    total = sum(n for _, n, _ in updates)
+    for name, weight in global_weights.items():
+        mean = sum(n * u[name].astype(np.float64) for _, n, u in updates) / total
+        assert np.array_equal(new[name], (weight.astype(np.float64) + mean).astype(np.float32)), name
+
+
+def test_fedavg_peak_memory_is_sums_plus_one_update_plus_the_new_weights() -> None:
+    """float64 sums (2x the float32 model) + the new weights (1x): no full-size temporaries."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    global_weights = {"a": rng.standard_normal(1_500_000).astype(np.float32),
+                      "b": rng.standard_normal((500, 1000)).astype(np.float32)}
+    updates = [{name: rng.standard_normal(w.shape).astype(np.float32) for name, w in global_weights.items()}
+               for _ in range(3)]
+    model_bytes = sum(w.nbytes for w in global_weights.values())
+    tracemalloc.start()
+    try:
+        aggregation = build("fedavg").begin_round(global_weights)
+        for i, update in enumerate(updates):
+            aggregation.add(f"s{i}", 100 + i, update)
+        new = aggregation.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert set(new) == set(global_weights)
+    assert peak < 3.2 * model_bytes, f"peak {peak / model_bytes:.2f}x the model"
+
+
+def test_weighted_average_divides_once_even_if_finish_is_retried() -> None:
+    from orchestrator.strategies.base import WeightedAverage
+
+    calls = []
+
+    def flaky_step(delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(float(delta["w"][0]))
+        if len(calls) == 1:
+            raise RuntimeError("server step failed")
+        return delta
+
+    aggregation = WeightedAverage("test", {"w": f32(1)}, ["w"], flaky_step)
+    aggregation.add("a", 2, {"w": f32(4)})
+    aggregation.add("b", 2, {"w": f32(0)})
+    with pytest.raises(RuntimeError, match="server step failed"):
+        aggregation.finish()
+    assert aggregation.finish()["w"][0] == np.float32(3)
+    assert calls == [2.0, 2.0]
+
+
 def test_fedprox_aggregates_like_fedavg_and_tells_sites_mu() -> None:
     global_weights = {"w": f32(1, 2)}
     updates = [("a", 1, {"w": f32(1, -2)}), ("b", 3, {"w": f32(-3, 2)})]

@@ -36,6 +36,30 @@ UnitInterval = Annotated[float, pydantic.Field(ge=0.0, lt=1.0)]
 Positive = Annotated[float, pydantic.Field(gt=0.0)]
 
 _STEP_KEY = "step"
+# Elements per slice when folding an update or applying the step: bounds the float64
+# temporaries to a few MiB instead of twice the largest tensor.
+_CHUNK = 1 << 16
+
+
+def _add_scaled(total: np.ndarray, values: np.ndarray, factor: float) -> None:
+    """``total += factor * values`` in float64, slice by slice (same result as one expression)."""
+    flat_total = total.reshape(-1)
+    flat = np.asarray(values).reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        flat_total[start:start + _CHUNK] += factor * flat[start:start + _CHUNK].astype(np.float64)
+
+
+def _apply_step(weight: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """``(weight + step)`` summed in float64, stored in ``weight``'s dtype, slice by slice."""
+    step = np.asarray(step)
+    if step.shape != weight.shape:  # a broadcast step: one expression, as before
+        return (weight.astype(np.float64) + step).astype(weight.dtype)
+    out = np.empty(weight.shape, dtype=weight.dtype)
+    flat_out, flat_weight, flat_step = out.reshape(-1), weight.reshape(-1), step.reshape(-1)
+    for start in range(0, flat_out.size, _CHUNK):
+        part = slice(start, start + _CHUNK)
+        flat_out[part] = np.add(flat_weight[part], flat_step[part], dtype=np.float64)
+    return out
 
 
 class StrategyConfig(pydantic.BaseModel):
@@ -138,7 +162,7 @@ class Aggregation(ABC):
         new: Weights = {}
         for name, weight in self._global.items():
             if name in step:
-                new[name] = (weight.astype(np.float64) + step[name]).astype(weight.dtype)
+                new[name] = _apply_step(weight, step[name])
             else:
                 new[name] = np.array(weight, copy=True)
         return new
@@ -165,14 +189,17 @@ class Aggregation(ABC):
 
     @abstractmethod
     def _reduce(self) -> Weights:
-        """Aggregated update per aggregated tensor, in float64."""
+        """Aggregated update per aggregated tensor, in float64; may reuse the round's buffers."""
 
 
 class WeightedAverage(Aggregation):
     """Streaming sample-weighted mean: sum(n_i * d_i) / sum(n_i).
 
     Sums are kept in float64 because hundreds of float32 updates weighted by
-    sample counts in the thousands would otherwise lose low-order bits.
+    sample counts in the thousands would otherwise lose low-order bits. Peak
+    memory is the sums (2x the float32 model), one decoded update and the new
+    weights: updates are folded and the step applied in slices, and ``finish``
+    divides the sums in place rather than copying them.
     """
 
     def __init__(
@@ -188,6 +215,7 @@ class WeightedAverage(Aggregation):
             name: np.zeros(global_weights[name].shape, dtype=np.float64) for name in self._names
         }
         self._total = 0
+        self._divided = False
 
     def _scale(self, update: Mapping[str, np.ndarray]) -> float:
         """Factor applied to an update before weighting; clipping strategies override it."""
@@ -196,11 +224,17 @@ class WeightedAverage(Aggregation):
     def _accept(self, num_samples: int, update: Mapping[str, np.ndarray]) -> None:
         factor = num_samples * self._scale(update)
         for name, total in self._sums.items():
-            total += factor * update[name].astype(np.float64)
+            _add_scaled(total, update[name], factor)
         self._total += num_samples
 
     def _reduce(self) -> Weights:
-        return {name: total / self._total for name, total in self._sums.items()}
+        # In place: the sums are not needed once the round is finished. Only once, should
+        # a failed server step make the caller retry finish().
+        if not self._divided:
+            for total in self._sums.values():
+                total /= self._total
+            self._divided = True
+        return self._sums
 
 
 class CoordinateWise(Aggregation):
