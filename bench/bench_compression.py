@@ -83,18 +83,16 @@ from fedmq.digits import (
     global_test_accuracy,
     prepare_digits,
 )
-from fedmq.inprocess import run_federation
+from fedmq.inprocess import round_summaries, run_federation
 from orchestrator.architectures import build_onnx
 from orchestrator.journal import RoundJournal
 from orchestrator.registry import ModelRegistry
 from orchestrator.rounds import RoundEngine
 from shared.broker import start_mosquitto
 from shared.codec import CompressionSettings, encode_model_delta
-from shared.config import AgentSettings, CommonSettings, OrchestratorSettings
+from shared.config import AgentSettings, OrchestratorSettings
 from shared.onnx_model import float_initializers, load_model_bytes, pack_model
-from shared.protocol import ProtocolError, RoundSummary, parse_message
-from shared.topics import Topics
-from shared.transport import Transport
+from shared.protocol import RoundSummary
 
 log = logging.getLogger("bench_compression")
 
@@ -133,29 +131,6 @@ class Task:
 
 
 @contextmanager
-def _summaries(url: str, federation: str):
-    """Collect the RoundSummary messages the orchestrator publishes, as an operator would."""
-    topics = Topics(federation)
-    transport = Transport(CommonSettings(broker_url=url, federation=federation),
-                          f"fedmq-{federation}-bench-monitor", persistent_session=False)
-    collected: list[RoundSummary] = []
-    with transport:
-        transport.subscribe(topics.round_summary)
-        yield collected
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            msg = transport.get(0.2)
-            if msg is None:
-                continue
-            try:
-                m = parse_message(msg.payload)
-            except ProtocolError:
-                continue
-            if isinstance(m, RoundSummary):
-                collected.append(m)
-
-
-@contextmanager
 def _without_model_delta():
     """Make the orchestrator offer only the packed full model (so it broadcasts that instead)."""
     original = RoundEngine._downlink
@@ -179,7 +154,7 @@ def run_one(task: Task, variant: str, url: str, workdir: Path, *, rounds: int, t
     root = workdir / federation
     orch, agents = task.settings(federation, root, compression, rounds)
     started = time.perf_counter()
-    with _summaries(url, federation) as summaries:
+    with round_summaries(url, federation) as summaries:
         with (_without_model_delta() if no_delta else nullcontext()):
             with run_federation(orch, agents) as fed:
                 fed.wait_finished(timeout=timeout)

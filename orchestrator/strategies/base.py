@@ -41,7 +41,7 @@ _STEP_KEY = "step"
 _CHUNK = 1 << 16
 
 
-def _add_scaled(total: np.ndarray, values: np.ndarray, factor: float) -> None:
+def add_scaled(total: np.ndarray, values: np.ndarray, factor: float) -> None:
     """``total += factor * values`` in float64, slice by slice (same result as one expression)."""
     flat_total = total.reshape(-1)
     flat = np.asarray(values).reshape(-1)
@@ -224,7 +224,7 @@ class WeightedAverage(Aggregation):
     def _accept(self, num_samples: int, update: Mapping[str, np.ndarray]) -> None:
         factor = num_samples * self._scale(update)
         for name, total in self._sums.items():
-            _add_scaled(total, update[name], factor)
+            add_scaled(total, update[name], factor)
         self._total += num_samples
 
     def _reduce(self) -> Weights:

@@ -50,7 +50,7 @@ import pydantic
 from shared.privacy.dp import AdaptiveClipper, add_gaussian_noise, noise_share_std, split_noise_multiplier, system_rng
 from shared.protocol import PrivacySpent
 
-from .base import Aggregation, Positive, ServerStep, Strategy, StrategyConfig, StrategyOptions, Weights
+from .base import Aggregation, Positive, ServerStep, Strategy, StrategyConfig, StrategyOptions, Weights, add_scaled
 
 if TYPE_CHECKING:
     from shared.privacy.accountant import ClientLevelAccountant
@@ -350,7 +350,7 @@ class PrivateSum(Aggregation):
         norm = math.sqrt(sum(float(np.sum(np.square(update[n], dtype=np.float64))) for n in self._names))
         scale = min(1.0, self._bound / norm) if norm > 0 else 1.0
         for name, total in self._sums.items():
-            total += scale * update[name].astype(np.float64)
+            add_scaled(total, update[name], scale)
 
     def _reduce(self) -> Weights:
         total = self._sums
