@@ -175,20 +175,32 @@ def _acc(m) -> str:
     return f"{m.accuracy:.3f}" if m is not None and m.accuracy is not None else "-"
 
 
+def _epsilon(privacy) -> str:
+    return f"{privacy.epsilon:.3g}" if privacy is not None else "-"
+
+
 @models_app.command("list")
 def models_list(state_dir: Optional[Path] = StateOption) -> None:
-    """Every global version with its lineage and pooled test accuracy."""
-    table = Table("version", "round", "parent", "sha256", "sites", "pooled acc", "created")
-    for v in _registry(state_dir).list():
-        table.add_row(str(v.version), str(v.round or "-"), str(v.parent if v.parent is not None else "-"),
-                      v.sha256[:12], ",".join(sorted(v.contributors)) or "-", _acc(v.pooled),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)))
+    """Every global version with its lineage, pooled test accuracy and, for private versions, epsilon."""
+    versions = _registry(state_dir).list()
+    private = [v.privacy for v in versions if v.privacy is not None]
+    columns = ["version", "round", "parent", "sha256", "sites", "pooled acc"]
+    if private:
+        deltas = {p.delta for p in private}
+        columns.append(f"ε (δ={deltas.pop():g})" if len(deltas) == 1 else "ε")
+    table = Table(*columns, "created")
+    for v in versions:
+        cells = [str(v.version), str(v.round or "-"), str(v.parent if v.parent is not None else "-"),
+                 v.sha256[:12], ",".join(sorted(v.contributors)) or "-", _acc(v.pooled)]
+        if private:
+            cells.append(_epsilon(v.privacy))
+        table.add_row(*cells, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)))
     Console().print(table)
 
 
 @models_app.command("show")
 def models_show(version: int, state_dir: Optional[Path] = StateOption) -> None:
-    """One version's full record as JSON."""
+    """One version's full record as JSON; a private version's (epsilon, delta) under "privacy"."""
     from orchestrator.registry import RegistryError
 
     try:
@@ -199,6 +211,10 @@ def models_show(version: int, state_dir: Optional[Path] = StateOption) -> None:
                                          "contributors", "strategy", "training", "note")}
     record["evaluations"] = {s: m.model_dump() for s, m in v.evaluations.items()}
     record["pooled"] = v.pooled.model_dump() if v.pooled else None
+    if v.privacy is not None:
+        # What releasing this version (and every one before it) has cost: level, mechanism, epsilon at
+        # delta over `steps` rounds, noise multiplier, clip norm, and the budget (max_epsilon) if any.
+        record["privacy"] = v.privacy.model_dump()
     typer.echo(json.dumps(record, indent=2))
 
 
@@ -224,7 +240,9 @@ def demo(rounds: int = typer.Option(15, help="Training rounds."),
          learning_rate: float = typer.Option(0.005, help="Local SGD learning rate."),
          local_steps: int = typer.Option(100, help="Local SGD steps per round."),
          batch_size: int = typer.Option(4, help="Local batch size."),
-         strategy: str = typer.Option("fedavg", help="Aggregation strategy.")) -> None:
+         strategy: str = typer.Option("fedavg", help="Aggregation strategy."),
+         secure_aggregation: bool = typer.Option(False, help="Sum the updates under secure aggregation: the "
+                                                  "orchestrator sees only their sum.")) -> None:
     """Four hospitals (Heart Disease) federate a logistic regression with FedAvg, live."""
     from fedmq.demo import DemoOptions, run_demo
 
@@ -232,7 +250,7 @@ def demo(rounds: int = typer.Option(15, help="Training rounds."),
     try:
         summary = run_demo(DemoOptions(rounds=rounds, broker_url=broker, state_dir=state_dir,
                                        learning_rate=learning_rate, local_steps=local_steps, batch_size=batch_size,
-                                       strategy=strategy))
+                                       strategy=strategy, secure_aggregation=secure_aggregation))
     except RuntimeError as e:
         _fail(str(e))
     if summary_json is not None:

@@ -18,7 +18,7 @@ from orchestrator.architectures import build_onnx
 from orchestrator.registry import ModelRegistry, open_database
 from shared.blobstore import BlobStore
 from shared.onnx_model import load_model_bytes
-from shared.protocol import EvalMetrics
+from shared.protocol import EvalMetrics, PrivacySpent
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,60 @@ def test_models_show(state_dir: Path, models: list[bytes]) -> None:
     record1 = json.loads(_run("models", "show", "1", "--state-dir", state_dir).stdout)
     assert record1["contributors"] == {"cleveland": 199, "va": 85} and record1["round"] == 1
     assert record1["pooled"] is None
+
+
+PRIVATE_EPSILONS = (4.2134, 6.0579)
+
+
+@pytest.fixture()
+def private_state_dir(tmp_path: Path, models: list[bytes]) -> Path:
+    """v0 initial, v1 and v2 released by dp_fedavg, each with what it has spent so far."""
+    root = tmp_path / "private-state"
+    conn = open_database(root / "orchestrator.sqlite")
+    registry = ModelRegistry(conn, BlobStore(root / "blobs"))
+    with conn:
+        registry.add_version(models[0], parent=None, round=None, contributors={}, strategy={"name": "dp_fedavg"},
+                             training={"local_steps": 10}, note="initial")
+        for round_, (model, epsilon) in enumerate(zip((models[1], models[0]), PRIVATE_EPSILONS, strict=True), 1):
+            privacy = PrivacySpent(level="client", mechanism="dp_fedavg/distributed", epsilon=epsilon, delta=1e-5,
+                                   steps=round_, noise_multiplier=1.3, sampling_rate=1.0, clip_norm=0.75,
+                                   max_epsilon=8.0)
+            registry.add_version(model, parent=round_ - 1, round=round_, contributors={"cleveland": 199, "va": 85},
+                                 strategy={"name": "dp_fedavg"}, training={"dp_clip_norm": 0.75}, privacy=privacy)
+    conn.close()
+    return root
+
+
+def test_models_show_prints_the_privacy_record(private_state_dir: Path) -> None:
+    result = _run("models", "show", "2", "--state-dir", private_state_dir)
+    assert result.exit_code == 0, result.output
+    assert "6.0579" in result.stdout
+    privacy = json.loads(result.stdout)["privacy"]
+    assert privacy == {"level": "client", "mechanism": "dp_fedavg/distributed", "epsilon": 6.0579, "delta": 1e-5,
+                       "steps": 2, "noise_multiplier": 1.3, "sampling_rate": 1.0, "clip_norm": 0.75,
+                       "max_epsilon": 8.0}
+
+
+def test_models_show_prints_no_privacy_section_without_one(private_state_dir: Path, state_dir: Path) -> None:
+    for root, version in ((private_state_dir, "0"), (state_dir, "1")):  # the initial model; a plain FedAvg version
+        result = _run("models", "show", version, "--state-dir", root)
+        assert result.exit_code == 0, result.output
+        assert "privacy" not in json.loads(result.stdout) and "epsilon" not in result.stdout
+
+
+def test_models_list_shows_epsilon_only_when_a_version_has_one(private_state_dir: Path, state_dir: Path) -> None:
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["models", "list", "--state-dir", str(private_state_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if "version" in line)
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    headings = [cell.strip() for cell in header.split("┃")[1:-1]]
+    assert headings[5:] == ["pooled acc", "ε (δ=1e-05)", "created"], result.stdout
+    assert [row[6] for row in rows] == ["-", "4.21", "6.06"], result.stdout
+
+    plain = runner.invoke(app, ["models", "list", "--state-dir", str(state_dir)])
+    assert plain.exit_code == 0 and "ε" not in plain.stdout and "pooled acc" in plain.stdout
 
 
 def test_models_export(state_dir: Path, models: list[bytes], tmp_path: Path) -> None:
