@@ -32,7 +32,7 @@ from orchestrator.strategies import SECURE_SUM_STRATEGIES, Strategy
 from orchestrator.strategies.dp_fedavg import DPFedAvg, PrivateSum, RoundPlan
 from shared.blobs import make_manifest
 from shared.codec import CodecError, decode_tensors, encode_model_delta
-from shared.onnx_executor import OnnxModule, running_stat_names
+from shared.onnx_executor import OnnxModule, running_stat_names, running_variance_names
 from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, pack_model, replace_initializers
 from shared.config import OrchestratorSettings
 from shared.pki import load_ca_certificate
@@ -85,6 +85,22 @@ def _dump_state(state: dict[str, np.ndarray]) -> bytes:
 def _load_state(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def project_running_variances(graph, weights: dict[str, np.ndarray], round_no: int) -> dict[str, np.ndarray]:
+    """Aggregated weights with every BatchNorm running variance at least zero (a negative one makes all outputs NaN).
+
+    Noise (DP), sparsification or a hostile site can push an averaged variance below zero. The
+    projection touches only the released weights, so it is post-processing: it costs no privacy.
+    """
+    projected = dict(weights)
+    for name in sorted(running_variance_names(graph) & weights.keys()):
+        negative = int(np.count_nonzero(weights[name] < 0))
+        if negative:
+            log.warning("round %d: %d running-variance values of %s fell below zero; set to zero", round_no,
+                        negative, name)
+            projected[name] = np.maximum(weights[name], 0).astype(weights[name].dtype)
+    return projected
 
 
 class RoundEngine:
@@ -448,6 +464,7 @@ class RoundEngine:
 
     def _new_version(self, rec: RoundRecord, base_model, new_weights: dict[str, np.ndarray],
                      contributors: dict[str, int]) -> ModelVersion:
+        new_weights = project_running_variances(base_model.graph, new_weights, rec.round)
         model = model_to_bytes(replace_initializers(base_model, new_weights))
         state = self.strategy.state()
         state_sha = self.registry.blobs.put(_dump_state(state)) if state else None

@@ -82,6 +82,11 @@ def running_stat_names(graph: onnx.GraphProto) -> set[str]:
     return {name for node in graph.node if node.op_type == "BatchNormalization" for name in node.input[3:5]}
 
 
+def running_variance_names(graph: onnx.GraphProto) -> set[str]:
+    """The running variances among them: a negative value turns every output NaN."""
+    return {node.input[4] for node in graph.node if node.op_type == "BatchNormalization" and len(node.input) > 4}
+
+
 # --------------------------------------------------------------------------------------------
 # Operators. Each takes a _Call (inputs, attributes, train/eval mode) and returns a tensor or a
 # tuple of tensors matching the node's outputs.

@@ -144,6 +144,14 @@ def test_adaptive_clip_takes_the_exact_geometric_step():
     assert clipper.clip_norm == pytest.approx(2.0)
 
 
+def test_adaptive_clip_stops_at_its_ceiling():
+    rng = np.random.default_rng(0)
+    clipper = AdaptiveClipper(initial_clip=2.0, target_quantile=0.5, learning_rate=0.2, max_clip=2.1)
+    assert clipper.update(0, 10, rng) == pytest.approx(2.1)  # exp(0.1) * 2 = 2.21 would pass the ceiling
+    assert clipper.update(0, 10, rng) == pytest.approx(2.1)
+    assert clipper.update(10, 10, rng) == pytest.approx(2.1 * math.exp(-0.1))
+
+
 @pytest.mark.parametrize(("quantile", "true_value"), [(0.5, 1.0), (0.9, math.exp(0.5 * 1.2815516))])
 def test_adaptive_clip_tracks_the_target_quantile_despite_count_noise(quantile, true_value):
     """Norms ~ lognormal(0, 0.5): the median is 1, the 90th percentile exp(0.5 * z_0.9)."""

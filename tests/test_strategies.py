@@ -541,3 +541,8 @@ def test_result_does_not_depend_on_arrival_order(
         stacked = np.stack([u["w"] for _, _, u in updates])
         assert np.all(a >= start["w"] + stacked.min(axis=0) - 1e-4)
         assert np.all(a <= start["w"] + stacked.max(axis=0) + 1e-4)
+
+
+def test_dp_fedavg_refuses_a_clip_ceiling_below_the_initial_clip() -> None:
+    with pytest.raises(ValueError, match="max_clip_norm 0.5 is below the initial clip_norm 1.0"):
+        make_strategy(StrategyConfig(name="dp_fedavg", options={"clip_norm": 1.0, "max_clip_norm": 0.5}))

@@ -91,6 +91,7 @@ class DPFedAvgOptions(StrategyOptions):
     adaptive_clipping: bool = False
     target_quantile: float = pydantic.Field(default=0.5, gt=0.0, lt=1.0)
     clip_learning_rate: Positive = 0.2
+    max_clip_norm: Positive | None = None
     clip_count_stddev: Positive | None = None
     expected_sites: int | None = pydantic.Field(default=None, ge=1)
     sampling_rate: float = pydantic.Field(default=1.0, gt=0.0, le=1.0)
@@ -100,6 +101,8 @@ class DPFedAvgOptions(StrategyOptions):
     @pydantic.model_validator(mode="after")
     def _adaptive_is_affordable(self) -> "DPFedAvgOptions":
         """The count's noise must leave some noise for the update; say so before any round runs."""
+        if self.max_clip_norm is not None and self.max_clip_norm < self.clip_norm:
+            raise ValueError(f"max_clip_norm {self.max_clip_norm} is below the initial clip_norm {self.clip_norm}")
         if self.adaptive_clipping:
             if self.count_stddev is None:
                 raise ValueError("adaptive_clipping needs clip_count_stddev, or expected_sites for the "
@@ -288,8 +291,8 @@ class DPFedAvg(Strategy):
 
     def _reset_clip(self, clip: float) -> None:
         o = self.options
-        self._clipper = AdaptiveClipper(clip, o.target_quantile, o.clip_learning_rate, o.count_stddev) \
-            if o.adaptive_clipping else None
+        self._clipper = AdaptiveClipper(clip, o.target_quantile, o.clip_learning_rate, o.count_stddev,
+                                        o.max_clip_norm) if o.adaptive_clipping else None
 
 
 class PrivateSum(Aggregation):

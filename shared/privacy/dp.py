@@ -166,8 +166,11 @@ class AdaptiveClipper:
         target_quantile: float = 0.5,
         learning_rate: float = 0.2,
         count_noise_std: float = 0.0,
+        max_clip: float | None = None,
     ) -> None:
         _check_positive("initial_clip", initial_clip)
+        if max_clip is not None:
+            _check_positive("max_clip", max_clip)
         if not 0.0 < target_quantile < 1.0:
             raise ValueError(f"target_quantile must be in (0, 1), got {target_quantile}")
         _check_positive("learning_rate", learning_rate)
@@ -176,6 +179,7 @@ class AdaptiveClipper:
         self.target_quantile = float(target_quantile)
         self.learning_rate = float(learning_rate)
         self.count_noise_std = float(count_noise_std)
+        self.max_clip = max_clip
 
     @property
     def clip_norm(self) -> float:
@@ -197,6 +201,9 @@ class AdaptiveClipper:
         noised = unclipped_count + rng.normal(0.0, self.count_noise_std)
         fraction = noised / expected_sites
         self._clip *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
+        if self.max_clip is not None:
+            # Noise scales with the clip: when few updates fit, an unbounded clip chases its own noise.
+            self._clip = min(self._clip, self.max_clip)
         return self._clip
 
 
