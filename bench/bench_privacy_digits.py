@@ -243,9 +243,11 @@ def _pooled(r: dict) -> str:
 
 
 def table(results: list[dict], delta: float) -> str:
-    if any(r["fedbn"] for r in results):
-        return fedbn_table(results, delta)
-    head = (f"| run | z | clip C (last round) | final pooled acc | best pooled acc (any version) | held-out acc | "
+    """One row per run; with FedBN the accuracy columns are the sites' personalized ones plus the global model's."""
+    fedbn = any(r["fedbn"] for r in results)
+    middle = (["final personalized pooled acc", "best (any version)", "global model pooled acc"] if fedbn else
+              ["final pooled acc", "best pooled acc (any version)", "held-out acc"])
+    head = (f"| run{' (FedBN)' if fedbn else ''} | z | clip C (last round) | {' | '.join(middle)} | "
             f"ε at δ={delta:g} (final version) | rounds | updates within C |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -253,25 +255,12 @@ def table(results: list[dict], delta: float) -> str:
         clip = r["clip_by_round"][-1] if r["clip_by_round"] and r["clip_by_round"][-1] is not None else None
         z = p["noise_multiplier"] if p else None
         rounds = f"{r['rounds_completed']}/{r['rounds_planned']}" + (" (stalled)" if r["stalled"] else "")
-        lines.append(f"| {r['label']} | {'-' if z is None else f'{z:g}'} | {_fmt(clip, '.3g')} | {_pooled(r)} | "
-                     f"{_fmt(r['best_pooled_accuracy'])} | {_fmt(r['global_test_accuracy'])} | "
-                     f"{_eps(p['epsilon'] if p else None)} | {rounds} | {_pct(r['unclipped_fraction'])} |")
-    return "\n".join(lines)
-
-
-def fedbn_table(results: list[dict], delta: float) -> str:
-    head = (f"| run (FedBN) | z | clip C (last round) | final personalized pooled acc | best (any version) | "
-            f"global model pooled acc | ε at δ={delta:g} (final version) | rounds | updates within C |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        p = r["privacy"]
-        clip = r["clip_by_round"][-1] if r["clip_by_round"] and r["clip_by_round"][-1] is not None else None
-        z = p["noise_multiplier"] if p else None
-        rounds = f"{r['rounds_completed']}/{r['rounds_planned']}" + (" (stalled)" if r["stalled"] else "")
+        accuracy = ([_fmt(r["final_personalized_pooled_accuracy"]), _fmt(r["best_personalized_pooled_accuracy"]),
+                     _pooled(r)] if fedbn else
+                    [_pooled(r), _fmt(r["best_pooled_accuracy"]), _fmt(r["global_test_accuracy"])])
         lines.append(f"| {r['label']} | {'-' if z is None else f'{z:g}'} | {_fmt(clip, '.3g')} | "
-                     f"{_fmt(r['final_personalized_pooled_accuracy'])} | "
-                     f"{_fmt(r['best_personalized_pooled_accuracy'])} | {_pooled(r)} | "
-                     f"{_eps(p['epsilon'] if p else None)} | {rounds} | {_pct(r['unclipped_fraction'])} |")
+                     f"{' | '.join(accuracy)} | {_eps(p['epsilon'] if p else None)} | {rounds} | "
+                     f"{_pct(r['unclipped_fraction'])} |")
     return "\n".join(lines)
 
 
