@@ -9,7 +9,8 @@ A restarted agent resends an unacknowledged update instead of losing or redoing 
 Privacy: when the round asks for client-level DP (``dp_clip_norm``), the update is clipped
 (and, with distributed noise, given this site's noise share) before it leaves. The site's own
 sample-level DP-SGD budget comes from its settings alone; the agent charges a round's steps to
-its persisted ledger before training and refuses rounds that would exceed the budget.
+its persisted ledger before training and refuses rounds that would exceed the budget. In a
+secure-aggregation round the trained update leaves only masked (``edge_agent/secure_update.py``).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from shared.onnx_model import (float_initializers, load_model_bytes, model_to_by
                                unpack_model)
 from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
 from shared.privacy.secagg_layout import MASKED_MEDIA_TYPE, UpdateLayout, quantize_update, site_weight
-from shared.protocol import (ChunkRequest, EvalMetrics, PrivacySpent, ProtocolError, RoundCommand, SecAggRoster, SecAggShares,
-                             SecAggUnmask, SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport,
-                             parse_message)
+from shared.protocol import (ChunkRequest, EvalMetrics, PrivacySpent, ProtocolError, RoundCommand, SecAggRoster,
+                             SecAggShares, SecAggUnmask, SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck,
+                             UpdateReport, parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 

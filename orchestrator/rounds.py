@@ -7,6 +7,9 @@ is logged and retried as a new attempt with a fresh selection, never silently sk
 After the last round an ``evaluating`` round asks every online site to score the final
 version; then ``finished``. A differentially private strategy (``dp_fedavg``) can end training
 earlier: the round that would take the federation's epsilon past its budget is never announced.
+With secure aggregation a train round's collection runs the protocol's phases instead
+(``orchestrator/secure_round.py``): it closes when the masked sum is unmasked, or fails and
+is retried when too few sites remain.
 
 Everything needed to resume lives in the journal and the registry: a restarted engine
 reopens the open attempt with the updates already stored.
@@ -369,7 +372,7 @@ class RoundEngine:
         record = self.check_report(site, report)
         blob = None
         secure = self.current.secure
-        if secure is not None and record.kind == "train":
+        if secure is not None:
             if update is None:
                 raise UpdateRejected("a secure-aggregation round needs the masked update")
             try:

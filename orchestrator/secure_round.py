@@ -124,6 +124,8 @@ class SecureRound:
         if site not in self._u2:
             raise SecureRoundError(f"{site} did not share keys in this round, so its masked update cannot be "
                                    "unmasked")
+        if site in self._masked:
+            raise SecureRoundError(f"{site} already sent its masked update")
         expected = 4 * self.layout.vector_length
         if len(data) != expected:
             raise SecureRoundError(f"masked update has {len(data)} bytes, the round needs {expected} "

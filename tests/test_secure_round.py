@@ -155,6 +155,8 @@ def test_masked_updates_and_shares_are_checked_before_they_count(pki):
     with pytest.raises(SecureRoundError, match="the round needs 36 \\(9 uint32 values\\)"):
         server.accept_masked("a", masked[:-4])
     server.accept_masked("a", masked)
+    with pytest.raises(SecureRoundError, match="already sent its masked update"):
+        server.accept_masked("a", masked)
     assert server.waiting_for == ["b", "c"]
 
 
