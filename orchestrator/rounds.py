@@ -50,6 +50,7 @@ class RoundPublisher(SecAggPublisher, Protocol):
     """What the engine asks of the network side (the service implements it over MQTT)."""
 
     def announced_samples(self, site: str) -> int | None: ...
+    def failed_sites(self, round_id: str) -> dict[str, str]: ...
     def announce(self, command: RoundCommand, blobs: dict[str, bytes]) -> None: ...
     def model_published(self, version: ModelVersion) -> None: ...
     def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
@@ -265,11 +266,22 @@ class RoundEngine:
                 self.publisher.status(self.state, f"secure aggregation: {secure.phase} phase, waiting for "
                                                   f"{secure.waiting_for}")
             return
+        failed = {s: d for s, d in self.publisher.failed_sites(rec.round_id).items()
+                  if s in selected and s not in self.current.reported}
+        quorum = min(self.settings.effective_quorum if rec.kind == "train" else 1, len(selected))
         if self.current.reported >= selected:
             self._close()
+        elif failed and self.current.reported | failed.keys() >= selected and len(self.current.reported) >= quorum:
+            log.warning("round %d: aggregating without %s, which reported errors: %s", rec.round, sorted(failed),
+                        failed)
+            self._close()
+        elif failed and len(selected) - len(failed) < quorum:
+            # Waiting for the deadline cannot help: too few sites are left to reach the quorum.
+            self._fail(f"cannot reach its quorum of {quorum}: sites {sorted(failed)} reported errors "
+                       f"({'; '.join(f'{s}: {d}' for s, d in sorted(failed.items()))}); fix them (see their logs) or "
+                       "lower the quorum")
         elif self.clock() >= rec.deadline:
-            quorum = self.settings.effective_quorum if rec.kind == "train" else 1
-            if len(self.current.reported) >= min(quorum, len(selected)):
+            if len(self.current.reported) >= quorum:
                 log.warning("round %d: deadline passed with %d/%d reports (quorum %d); aggregating without %s",
                             rec.round, len(self.current.reported), len(selected), quorum,
                             sorted(selected - self.current.reported))

@@ -240,6 +240,11 @@ class OrchestratorService:
         status = self.presence.get(site)
         return status.num_samples if status else None
 
+    def failed_sites(self, round_id: str) -> dict[str, str]:
+        """Sites whose retained status says they failed this round attempt, with what they said."""
+        return {site: status.detail for site, status in self.presence.items()
+                if status.state == "error" and status.round_id == round_id}
+
     def model_published(self, version: ModelVersion) -> None:
         msg = ModelPublished(federation=self.settings.federation, sender=SENDER, version=version.version,
                              sha256=version.sha256, parent=version.parent, round=version.round,

@@ -219,3 +219,30 @@ def test_bad_input_is_logged_and_rejected_without_crashing(mosquitto, tmp_path, 
                      "is for federation 'other-federation'", "does not match its sha256"):
         assert expected in text, f"no log line mentioning {expected!r}"
     assert ModelRegistry.open(orch.state_dir).get(1).contributors == {"cleveland": 10, "va": 85}
+
+
+def test_a_round_does_not_wait_for_sites_that_reported_errors(mosquitto, tmp_path):
+    """A hospital whose data cannot serve the task says so; the round goes on or fails at once, not at its deadline."""
+    orch, agents = heart_settings(mosquitto.url, tmp_path, DemoOptions(rounds=1, round_timeout=600.0))
+    broken = tmp_path / "va_broken.csv"
+    broken.write_text("age,sex\n63,1\n")  # lacks the task's other columns and the label
+    agents = [a.model_copy(update={"data_train": broken}) if a.site_id == "va" else a for a in agents]
+
+    # Quorum 3 of 4: the round closes as soon as the other three reported.
+    quick = orch.model_copy(update={"quorum": 3, "final_evaluation": False})
+    started = time.monotonic()
+    with run_federation(quick, agents) as fed:
+        fed.wait_finished(timeout=120)
+    assert time.monotonic() - started < 120, "the round waited for its 600 s deadline"
+    version = ModelRegistry.open(quick.state_dir).latest()
+    assert version.version == 1 and set(version.contributors) == {"cleveland", "hungary", "switzerland"}
+
+    # Every site needed: each attempt fails at once, saying which site failed and why.
+    strict = orch.model_copy(update={"state_dir": tmp_path / "strict", "max_attempts": 2})
+    agents = [a.model_copy(update={"state_dir": tmp_path / "strict" / a.site_id}) for a in agents]
+    with run_federation(strict, agents) as fed:
+        fed.wait_finished(timeout=120)
+        rows = fed.orchestrator.journal.conn.execute("SELECT state, detail FROM rounds ORDER BY announced_at").fetchall()
+    assert [state for state, _ in rows] == ["failed", "failed"]
+    assert all("cannot reach its quorum of 4: sites ['va'] reported errors" in d and "lacks the columns" in d
+               for _, d in rows), rows
