@@ -387,3 +387,23 @@ def test_pki_hands_keys_to_the_container_users(tmp_path: Path) -> None:
                       "sites/va.key": (10001, 10001, 0o600), "operator.key": (0, 0, 0o600), "ca.key": (0, 0, 0o600)}
     with pytest.raises(PkiError, match="does not exist: issue that identity first"):
         FederationPki(root).give_keys_to_containers(["hungary"])
+
+
+def test_secure_aggregation_in_containers_signs_with_the_agents_tls_identities(deployment: Deployment) -> None:
+    """Turning secure aggregation on needs nothing but the flag: each agent signs with its mounted TLS key."""
+    dep = deployment
+    port = dep.start_broker()
+    operator = Operator(dep.pki, port)
+    sites = ("cleveland", "hungary", "switzerland")
+    try:
+        dep.run("orchestrator", env={"FEDMQ_ROUNDS": "2", "FEDMQ_MIN_SITES": str(len(sites)),
+                                     "FEDMQ_SECURE_AGGREGATION__ENABLED": "true"})
+        for site in sites:
+            dep.run(site)
+        operator.wait("two secure rounds", lambda: {1, 2} <= set(operator.summaries), 300)
+        assert set(operator.models[2].contributors) == set(sites)
+        logs = dep.podman.logs(dep.name("orchestrator"), lines=2000)
+        assert "round 1: securely aggregated 3 sites" in logs and "round 2: securely aggregated 3 sites" in logs
+        assert "refused" not in logs and "rejected" not in logs, logs
+    finally:
+        operator.close()
