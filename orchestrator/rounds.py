@@ -257,7 +257,8 @@ class RoundEngine:
         secure = self.current.secure
         if secure is not None:
             phase = secure.phase
-            secure.advance(self.publisher, min(self.settings.effective_quorum, len(selected)))
+            secure.advance(self.publisher, min(self.settings.effective_quorum, len(selected)),
+                           failed=self.publisher.failed_sites(rec.round_id).keys())
             if secure.phase == "done":
                 self._close()
             elif secure.phase == "failed":

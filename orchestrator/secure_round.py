@@ -25,7 +25,7 @@ round is retried with fresh keys (see ``RoundEngine.start``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -161,9 +161,13 @@ class SecureRound:
                 "unmask": self._reveals}.get(self.phase, {})
         return [s for s in expected if s not in have]
 
-    def advance(self, publisher: SecAggPublisher, quorum: int) -> None:
-        """Move to the next phase when the current one is complete or past its deadline."""
-        if self.finished or (self.waiting_for and self.clock() < self.deadline):
+    def advance(self, publisher: SecAggPublisher, quorum: int, failed: Collection[str] = ()) -> None:
+        """Move to the next phase when the current one is complete or past its deadline.
+
+        ``failed`` are sites that reported an error for this round: they will not answer, so the
+        phase does not wait for them.
+        """
+        if self.finished or (set(self.waiting_for) - set(failed) and self.clock() < self.deadline):
             return
         try:
             step = {"advertise": self._close_advertise, "share": self._close_share, "mask": self._close_mask,

@@ -9,6 +9,7 @@ meant to send, while the orchestrator itself stored only masked vectors.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,15 @@ def test_keys_vouched_for_by_another_ca_are_refused_and_the_round_goes_on(mosqui
     assert [v.version for v in registry.list()] == [0, 1]
     assert set(registry.get(1).contributors) == {"cleveland", "hungary", "switzerland"}
     assert rejected >= 1, "the orchestrator must refuse keys whose certificate does not chain to its CA"
+
+
+def test_a_site_without_an_identity_is_not_waited_for(mosquitto, tmp_path):
+    orch, agents = _secure_heart(mosquitto.url, tmp_path, "sa-no-identity", 1, quorum=3, round_timeout=600.0)
+    agents = [a.model_copy(update={"identity_cert": None, "identity_key": None}) if a.site_id == "va" else a
+              for a in agents]
+    started = time.monotonic()
+    with run_federation(orch, agents) as fed:
+        fed.wait_finished(timeout=120)
+    assert time.monotonic() - started < 120, "the round waited for its 600 s deadline"
+    registry = ModelRegistry.open(orch.state_dir)
+    assert set(registry.get(1).contributors) == {"cleveland", "hungary", "switzerland"}
