@@ -650,7 +650,8 @@ def _unpack_prefix(view: memoryview) -> tuple[bool, int, int]:
     if magic != MAGIC:
         raise CodecError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
-        raise CodecError(f"unsupported format version {version}, this decoder reads {FORMAT_VERSION}")
+        raise CodecError(f"unsupported format version {version}, this decoder reads {FORMAT_VERSION}: the sender "
+                         "runs another fedmq release; upgrade the orchestrator and the agents together")
     if flags & ~_KNOWN_FLAGS or reserved:
         raise CodecError(f"unknown flags {flags:#x} or non-zero reserved field {reserved:#x}")
     if header_len > MAX_HEADER_BYTES:
