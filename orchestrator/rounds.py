@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import onnx
 
 from orchestrator.journal import RoundJournal, RoundRecord
 from orchestrator.registry import ModelRegistry, ModelVersion, pool_metrics
 from orchestrator.sampling import NotEnoughSites, select_sites
 from orchestrator.secure_round import SecAggPublisher, SecureRound, SecureRoundError
-from orchestrator.strategies import SECURE_SUM_STRATEGIES, Strategy
+from orchestrator.strategies import SECURE_SUM_STRATEGIES, Aggregation, Strategy
 from orchestrator.strategies.dp_fedavg import DPFedAvg, PrivateSum, RoundPlan
 from shared.blobs import make_manifest
 from shared.codec import CodecError, decode_tensors, encode_model_delta
@@ -174,13 +175,14 @@ class RoundEngine:
         """The configured training settings plus what the strategy and personalization add."""
         overrides = dict(self._private.round_overrides(self._plan(selected)) if self._private
                          else self.strategy.training_overrides())
+        parsed = load_model_bytes(model) if self.settings.fedbn or self.settings.secure_aggregation.enabled else None
         if self.settings.fedbn:
-            overrides["local_parameters"] = sorted(OnnxModule(load_model_bytes(model)).batchnorm_names())
+            overrides["local_parameters"] = sorted(OnnxModule(parsed).batchnorm_names())
         if self.settings.secure_aggregation.enabled and kind == "train":
-            overrides["secure_aggregation"] = self._secure_round_settings(selected, model)
+            overrides["secure_aggregation"] = self._secure_round_settings(selected, parsed.graph)
         return self.settings.training.model_copy(update=overrides) if overrides else self.settings.training
 
-    def _secure_round_settings(self, selected: list[str], model: bytes) -> SecureAggregationRound:
+    def _secure_round_settings(self, selected: list[str], graph: onnx.GraphProto) -> SecureAggregationRound:
         """The round's secure-aggregation parameters: a fresh index seed, the threshold, the weights' scale."""
         cfg = self.settings.secure_aggregation
         majority = len(selected) // 2 + 1
@@ -198,7 +200,7 @@ class RoundEngine:
         return SecureAggregationRound(
             threshold=threshold, bound=cfg.bound, index_fraction=cfg.index_fraction,
             error_feedback=cfg.error_feedback,
-            dense_tensors=sorted(running_stat_names(load_model_bytes(model).graph)) if cfg.index_fraction else [],
+            dense_tensors=sorted(running_stat_names(graph)) if cfg.index_fraction else [],
             index_seed=secrets.token_hex(32), weighting=weighting,
             sample_total=max(1, sum(n or 0 for n in samples.values())), phase_timeout=cfg.phase_timeout)
 
@@ -383,7 +385,6 @@ class RoundEngine:
     def accept(self, site: str, report: UpdateReport, update: bytes | None) -> bool:
         """Validate and store an update; returns False when it was a duplicate (already stored)."""
         record = self.check_report(site, report)
-        blob = None
         secure = self.current.secure
         if secure is not None:
             if update is None:
@@ -392,14 +393,13 @@ class RoundEngine:
                 secure.accept_masked(site, update)
             except SecureRoundError as e:
                 raise UpdateRejected(str(e)) from None
-            blob = self.registry.blobs.put(update)
         elif update is not None:
             try:
                 shapes = self.current.expected_shapes
                 decode_tensors(update, shapes, max_decoded_bytes=dense_bytes(shapes))
             except CodecError as e:
                 raise UpdateRejected(f"update does not decode against model v{record.base_version}: {e}") from None
-            blob = self.registry.blobs.put(update)
+        blob = self.registry.blobs.put(update) if update is not None else None
         fresh = self.journal.add_update(record.round_id, site, blob, report)
         self.current.reported.add(site)
         if fresh:
@@ -440,14 +440,18 @@ class RoundEngine:
         self.publisher.round_summary(rec, rec.base_version, new_version.version if new_version else None,
                                      site_metrics, personalized, seconds)
 
-    def _aggregate(self, rec: RoundRecord, updates: list) -> ModelVersion:
+    def _begin_aggregation(self, rec: RoundRecord) -> tuple[onnx.ModelProto, Aggregation]:
+        """The round's base model and the strategy's aggregation over every tensor the sites do not keep local."""
         base_model = load_model_bytes(self.registry.model_bytes(rec.base_version))
         weights = float_initializers(base_model)
-        local = set(TrainingConfig.model_validate(rec.training).local_parameters)
-        aggregated = set(weights) - local
+        aggregated = set(weights) - set(TrainingConfig.model_validate(rec.training).local_parameters)
         aggregation = (self._private.begin_round(weights, aggregated_names=aggregated, plan=self._plan(rec.selected))
                        if self._private else self.strategy.begin_round(weights, aggregated_names=aggregated))
-        shapes = {k: v.shape for k, v in weights.items()}
+        return base_model, aggregation
+
+    def _aggregate(self, rec: RoundRecord, updates: list) -> ModelVersion:
+        base_model, aggregation = self._begin_aggregation(rec)
+        shapes = {k: v.shape for k, v in float_initializers(base_model).items()}
         for u in updates:
             delta = decode_tensors(self.registry.blobs.get(u.blob), shapes, max_decoded_bytes=dense_bytes(shapes))
             aggregation.add(u.site, u.num_samples, delta)
@@ -457,19 +461,15 @@ class RoundEngine:
 
     def _aggregate_secure(self, rec: RoundRecord, updates: list, secure: SecureRound) -> ModelVersion:
         """The strategy's server step on the unmasked mean: the only thing secure aggregation reveals."""
-        base_model = load_model_bytes(self.registry.model_bytes(rec.base_version))
-        weights = float_initializers(base_model)
         result = secure.result
         assert result is not None
-        aggregated = set(result.mean)
-        if self._private:
-            aggregation = self._private.begin_round(weights, aggregated_names=aggregated, plan=self._plan(rec.selected))
+        base_model, aggregation = self._begin_aggregation(rec)
+        if isinstance(aggregation, PrivateSum):
             reports = {u.site: u.report for u in updates}
             aggregation.add_secure_mean(result.contributors, result.mean,
                                         {s: bool(reports[s].dp_unclipped) for s in result.contributors
                                          if s in reports})
         else:
-            aggregation = self.strategy.begin_round(weights, aggregated_names=aggregated)
             # The mean stands for every survivor: one fold with weight 1 is the mean itself.
             aggregation.add("secure-sum", 1, result.mean)
         samples = {u.site: u.num_samples for u in updates}
