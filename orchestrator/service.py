@@ -373,9 +373,11 @@ class OrchestratorService:
         self.transport.publish(self.topics.round_summary, msg.to_bytes(), retain=True)
 
     def round_ended(self, round_id: str) -> None:
-        """Release the uploads still arriving for a round that closed or failed."""
+        """Release the uploads still arriving for a round that closed or failed, and parked chunks."""
         for upload in [u for u in self.uploads.values() if u.report.round_id == round_id]:
             self._drop_upload(upload, "round_ended", "the round ended before the upload completed")
+        # Chunks parked for want of a report cannot belong to the next round: it is not announced yet.
+        self.inbox.drop_orphans()
 
     def status(self, state: str, detail: str = "") -> None:
         self._last_status = (state, detail)

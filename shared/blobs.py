@@ -118,6 +118,11 @@ class BlobInbox:
         """Stop collecting a blob and release its buffer (its upload was dropped or its round ended)."""
         self._assemblies.pop(blob_id, None)
 
+    def drop_orphans(self) -> None:
+        """Release every parked chunk: nothing announced so far will claim them any more."""
+        self._orphans.clear()
+        self._orphan_bytes = 0
+
     def known(self, blob_id: str) -> bool:
         """Whether chunks of this blob are wanted (being reassembled) or harmless (recently completed)."""
         return blob_id in self._assemblies or blob_id in self._done

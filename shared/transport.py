@@ -245,6 +245,11 @@ class Transport:
         self._last_publish = info
         return info
 
+    @property
+    def inbox_bytes(self) -> int:
+        """Payload bytes received and not yet taken by ``get``."""
+        return self._inbox_bytes
+
     def get(self, timeout: float | None = None) -> Incoming | None:
         try:
             msg = self.inbox.get(timeout=timeout)
