@@ -427,11 +427,11 @@ class RoundEngine:
         secure = self.current.secure
         if secure is not None:
             if update is None:
-                raise UpdateRejected("a secure-aggregation round needs the masked update")
+                raise UpdateRejected("a secure-aggregation round needs the masked update", "incomplete")
             try:
                 secure.accept_masked(site, update)
             except SecureRoundError as e:
-                raise UpdateRejected(str(e)) from None
+                raise UpdateRejected(str(e), "secagg") from None
         elif update is not None:
             try:
                 shapes = self.current.expected_shapes

@@ -258,6 +258,8 @@ class OrchestratorService:
         try:
             data = self.inbox.take(blob_id)
         except ChunkError as e:
+            if not waiting:
+                log.warning("dropped update blob %s: %s", blob_id[:12], e)
             for upload in waiting:
                 self._refuse_report(upload.site, upload.report, "bad_blob", str(e))
             return
