@@ -22,6 +22,7 @@ buffers the orchestrator holds stay within one update bound per site plus its ea
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.agent import EdgeAgent
 from fedmq.inprocess import run_federation
 from orchestrator.architectures import build_onnx
 from orchestrator.registry import ModelRegistry
@@ -206,6 +208,8 @@ class Observed:
     leftover_uploads: int = -1
     leftover_held: int = -1
     agent_inboxes: dict[str, int] = field(default_factory=dict)
+    commands: dict[int, RoundCommand] = field(default_factory=dict)
+    agent: AgentSettings | None = None
     honest_rate: dict[str, float] = field(default_factory=dict)
 
 
@@ -378,6 +382,10 @@ def observed(mosquitto, tmp_path_factory) -> Observed:
         obs.honest_rate = {s: sent[s] / obs.figures["seconds"] for s in HONEST}
     hostile.transport.stop()
     puppet.transport.stop()
+    obs.commands, obs.agent = hostile.commands, agents[0]
+    # The figures for docs/reliability.md: `python -m pytest -q -s tests/faults/test_hostile_site.py`.
+    print("hostile-site figures:", json.dumps({"update_bound": obs.bound, **obs.figures, "refusals": obs.refusals,
+                                               "honest_messages_per_second": obs.honest_rate}))
     return obs
 
 
@@ -482,3 +490,17 @@ def test_honest_sites_stay_far_below_the_message_budget(observed):
     """What the budget must allow: an honest site's messages per second over the whole run (chunks included)."""
     assert all(rate < RATE / 5 for rate in observed.honest_rate.values()), observed.honest_rate
     assert observed.figures["seconds"] < 60, observed.figures
+
+
+def test_an_agent_collects_only_the_current_rounds_model_blobs(observed, tmp_path):
+    """A model download a newer round command made useless is released, not kept (and asked for) forever."""
+    agent = EdgeAgent(observed.agent.model_copy(update={"state_dir": tmp_path / "agent"}))
+    older, newer = observed.commands[1], observed.commands[2]
+    agent.inbox.expect(older.model)  # round 1's download was under way ...
+    assert agent.inbox.held_bytes == older.model.size
+    agent._on_round(newer)  # ... when round 2 was announced
+    wanted = {newer.model.blob_id} | ({newer.model_delta.blob.blob_id} if newer.model_delta else set())
+    assert set(agent.inbox.pending()) <= wanted and agent.inbox.pending(), agent.inbox.pending()
+    assert agent.inbox.held_bytes == sum(m.size for m in (newer.model, newer.model_delta and newer.model_delta.blob)
+                                         if m is not None and m.blob_id in agent.inbox.pending())
+    assert agent.outbox.max_bytes == observed.agent.max_blob_bytes
