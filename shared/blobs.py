@@ -165,7 +165,8 @@ class BlobInbox:
             raise ChunkError(f"chunk index {index} out of range: blob {blob_id[:12]} has {m.count} chunks")
         expected = min(m.chunk_size, m.size - index * m.chunk_size)
         if len(data) != expected:
-            raise ChunkError(f"chunk {index} of blob {blob_id[:12]} has {len(data)} bytes, the manifest says {expected}")
+            raise ChunkError(f"chunk {index} of blob {blob_id[:12]} has {len(data)} bytes, the manifest says "
+                             f"{expected}; it will be requested again")
         if sha256_hex(data) != m.chunk_sha256[index]:
             raise ChunkError(f"chunk {index} of blob {blob_id[:12]} does not match its sha256 in the manifest; "
                              "it will be requested again")

@@ -286,7 +286,7 @@ def test_chunk_longer_than_the_manifest_says_is_refused_and_the_buffer_keeps_its
                         chunk_sha256=[sha256_hex(long_chunk), sha256_hex(data[CHUNK:])], media_type="x")
     inbox = BlobInbox(max_blob_bytes=1 << 20)
     inbox.expect(liar)
-    with pytest.raises(ChunkError, match=f"has {CHUNK + 5} bytes, the manifest says {CHUNK}"):
+    with pytest.raises(ChunkError, match=f"has {CHUNK + 5} bytes, the manifest says {CHUNK};"):
         inbox.offer(encode_chunk(liar.blob_id, 0, 2, long_chunk))
     assert inbox.held_bytes == 2 * CHUNK
     assert inbox.missing(liar.blob_id) == [0, 1]
