@@ -76,8 +76,10 @@ class EdgeAgent:
         self.transport = Transport(settings, f"fedmq-{settings.federation}-{self.site}",
                                    will=(self.topics.site(self.site, "status"), offline.to_bytes()),
                                    max_message_bytes=settings.chunk_size + 65536)
+        # Bounded: the inbox holds only the current round's model blobs (older ones are forgotten when
+        # a command replaces them) plus a bounded buffer of early chunks; the outbox only this site's updates.
         self.inbox = BlobInbox(max_blob_bytes=settings.max_blob_bytes)
-        self.outbox = BlobOutbox()
+        self.outbox = BlobOutbox(max_bytes=settings.max_blob_bytes)
         self.feedback = ErrorFeedback(Path(settings.state_dir) / "residual.npz")
         self._drop_unsent_feedback()
         self.current_state: SiteState = "online"
@@ -178,6 +180,7 @@ class EdgeAgent:
     def _on_round(self, cmd: RoundCommand) -> None:
         if self.state.is_complete(cmd.round_id):
             return
+        self._forget_other_blobs(cmd)
         pending = self.state.record.pending
         if pending is not None:
             if pending.report.round_id != cmd.round_id:
@@ -206,6 +209,14 @@ class EdgeAgent:
             self._blob_complete(self.inbox.expect(delta.blob))
         else:
             self._fetch_full_model(cmd)
+
+    def _forget_other_blobs(self, cmd: RoundCommand) -> None:
+        """Release the buffers of model blobs an earlier command announced: this round will not use them."""
+        wanted = {cmd.model.blob_id} | ({cmd.model_delta.blob.blob_id} if cmd.model_delta else set())
+        for blob_id in self.inbox.pending():
+            if blob_id not in wanted:
+                log.info("no longer collecting model blob %s: round %s replaced its round", blob_id[:12], cmd.round_id)
+                self.inbox.forget(blob_id)
 
     def _fetch_full_model(self, cmd: RoundCommand) -> None:
         """Without a usable base, ask for the whole (packed) model; it is broadcast only when there is no delta."""

@@ -23,6 +23,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -35,7 +36,7 @@ from orchestrator.secure_round import SecAggPublisher, SecureRound, SecureRoundE
 from orchestrator.strategies import SECURE_SUM_STRATEGIES, Aggregation, Strategy
 from orchestrator.strategies.dp_fedavg import DPFedAvg, PrivateSum, RoundPlan
 from shared.blobs import make_manifest
-from shared.codec import CodecError, decode_tensors, encode_model_delta
+from shared.codec import CodecError, decode_tensors, encode_model_delta, max_update_bytes
 from shared.onnx_executor import OnnxModule, running_stat_names, running_variance_names
 from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, pack_model, replace_initializers
 from shared.config import OrchestratorSettings
@@ -58,10 +59,19 @@ class RoundPublisher(SecAggPublisher, Protocol):
                       site_metrics: dict[str, EvalMetrics], personalized: dict[str, EvalMetrics],
                       seconds: dict[str, float]) -> None: ...
     def status(self, state: str, detail: str = "") -> None: ...
+    def round_ended(self, round_id: str) -> None:
+        """The attempt closed or failed: whatever is still arriving for it can be let go."""
 
 
 class UpdateRejected(ValueError):
-    """An update the engine will not use; the reason goes back to the site in its ack."""
+    """An update the engine will not use; the reason goes back to the site in its ack.
+
+    ``code`` names the kind of refusal in a word, for the per-site refusal counts.
+    """
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -71,6 +81,11 @@ class _Open:
     expected_shapes: dict[str, tuple[int, ...]]
     reported: set[str] = field(default_factory=set)
     secure: SecureRound | None = None
+
+    @cached_property
+    def max_update_bytes(self) -> int:
+        """The most bytes an honest encoder can send as an update of this round's model."""
+        return max_update_bytes(self.expected_shapes)
 
 
 DELTA_WORTH_IT = 0.9  # send the exact delta only when it is clearly smaller than the packed model
@@ -300,6 +315,7 @@ class RoundEngine:
         log.error("round %d attempt %d %s; retrying", rec.round, rec.attempt, detail)
         self.journal.fail(rec.round_id, detail)
         self.current = None
+        self.publisher.round_ended(rec.round_id)
         self.state = "waiting"
         self.publisher.status("waiting", f"round {rec.round} attempt {rec.attempt} {detail}")
 
@@ -356,19 +372,42 @@ class RoundEngine:
         cur = self.current
         if cur is None or report.round_id != cur.record.round_id:
             raise UpdateRejected(f"round {report.round_id} is not open (open: "
-                                 f"{cur.record.round_id if cur else 'none'})")
+                                 f"{cur.record.round_id if cur else 'none'})", "round_not_open")
         if site not in cur.record.selected:
-            raise UpdateRejected(f"site {site} was not selected for round {report.round_id}")
+            raise UpdateRejected(f"site {site} was not selected for round {report.round_id}", "not_selected")
+        if site in cur.reported:
+            raise UpdateRejected(f"site {site} already has an update stored for round {report.round_id}; a site "
+                                 "sends one update per round", "already_reported")
         if report.base_version != cur.record.base_version:
             raise UpdateRejected(f"update is based on version {report.base_version}, the round uses "
-                                 f"{cur.record.base_version}")
+                                 f"{cur.record.base_version}", "wrong_base")
         if cur.record.kind == "train" and (report.update is None or report.num_samples <= 0):
-            raise UpdateRejected("a training report needs an update and a positive sample count")
+            raise UpdateRejected("a training report needs an update and a positive sample count", "incomplete")
+        if cur.record.kind != "train" and report.update is not None:
+            raise UpdateRejected("an evaluation round takes scores only, no update", "incomplete")
         if cur.record.kind == "train" and cur.command.training.dp_clip_norm is not None \
                 and report.dp_unclipped is None:
             raise UpdateRejected("this round applies client-level differential privacy: the report must say "
-                                 "whether the update was within dp_clip_norm (dp_unclipped); upgrade the agent")
+                                 "whether the update was within dp_clip_norm (dp_unclipped); upgrade the agent",
+                                 "incomplete")
+        if report.update is not None:
+            self._check_declared_size(report.update.size)
         return cur.record
+
+    def _check_declared_size(self, size: int) -> None:
+        """Refuse an update larger than the round's model allows before a byte of it is held."""
+        cur = self.current
+        assert cur is not None
+        if cur.secure is not None:
+            expected = 4 * cur.secure.layout.vector_length
+            if size != expected:
+                raise UpdateRejected(f"masked update declared as {size} bytes; this secure round's masked updates are "
+                                     f"exactly {expected} bytes", "update_too_large" if size > expected else
+                                     "bad_update")
+        elif size > cur.max_update_bytes:
+            raise UpdateRejected(f"update declared as {size} bytes; an encoded update of model "
+                                 f"v{cur.record.base_version} takes at most {cur.max_update_bytes} bytes",
+                                 "update_too_large")
 
     def on_secure_message(self, site: str, message: SecAggAdvert | SecAggShares | SecAggReveal) -> None:
         """A site's key advertisement, sealed shares or unmasking shares; SecureRoundError if unusable."""
@@ -388,23 +427,35 @@ class RoundEngine:
         secure = self.current.secure
         if secure is not None:
             if update is None:
-                raise UpdateRejected("a secure-aggregation round needs the masked update")
+                raise UpdateRejected("a secure-aggregation round needs the masked update", "incomplete")
             try:
                 secure.accept_masked(site, update)
             except SecureRoundError as e:
-                raise UpdateRejected(str(e)) from None
+                raise UpdateRejected(str(e), "secagg") from None
         elif update is not None:
             try:
                 shapes = self.current.expected_shapes
-                decode_tensors(update, shapes, max_decoded_bytes=dense_bytes(shapes))
+                decoded = decode_tensors(update, shapes, max_decoded_bytes=dense_bytes(shapes))
             except CodecError as e:
-                raise UpdateRejected(f"update does not decode against model v{record.base_version}: {e}") from None
+                raise UpdateRejected(f"update does not decode against model v{record.base_version}: {e}",
+                                     "bad_update") from None
+            self._check_magnitude(decoded)
         blob = self.registry.blobs.put(update) if update is not None else None
         fresh = self.journal.add_update(record.round_id, site, blob, report)
         self.current.reported.add(site)
         if fresh:
             log.info("round %d: update from %s (%d samples)", record.round, site, report.num_samples)
         return fresh
+
+    def _check_magnitude(self, update: dict[str, np.ndarray]) -> None:
+        """A finite but huge value (say 1e30) would wreck the global model under any averaging strategy."""
+        limit = self.settings.max_update_abs
+        for name, values in update.items():
+            largest = float(np.max(np.abs(values))) if values.size else 0.0
+            if largest > limit:
+                raise UpdateRejected(f"tensor {name!r} holds a value of magnitude {largest:.3g}, above max_update_abs="
+                                     f"{limit:g}; an honest update is far smaller (raise FEDMQ_MAX_UPDATE_ABS only "
+                                     "if this model really needs it)", "absurd_values")
 
     # closing ----------------------------------------------------------------------------------
     def _close(self) -> None:
@@ -435,6 +486,7 @@ class RoundEngine:
                  f"; new version v{new_version.version}" if new_version else "")
         self.current = None
         self.state = "waiting"
+        self.publisher.round_ended(rec.round_id)
         if new_version is not None:
             self.publisher.model_published(new_version)
         self.publisher.round_summary(rec, rec.base_version, new_version.version if new_version else None,

@@ -5,6 +5,13 @@ status, update reports, update chunks, chunk requests), and ticks the round engi
 input — malformed JSON, unknown types, another federation, a sender that is not the site
 whose topic it used, a chunk whose hash is wrong — is logged and dropped; it never stops
 the loop.
+
+An authenticated site can still be hostile, so what one site can make the orchestrator hold
+is bounded: its messages pass a token bucket (``orchestrator/site_limits.py``); it has at
+most one upload in flight per round, whose declared size the engine checks against the
+round's model before a buffer is allocated; a stalled upload is asked for again a few times,
+then dropped; and every upload of a round is released when the round closes or fails.
+Every refusal is counted per site and reason and published on the retained status.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from orchestrator.registry import ModelRegistry, ModelVersion, open_database, po
 from orchestrator.rounds import RoundEngine, UpdateRejected
 from orchestrator.secure_round import SecureRoundError
 from orchestrator.strategies import StrategyConfig, make_strategy
-from shared.blobs import BlobInbox, BlobOutbox, ChunkError, iter_chunks
+from orchestrator.site_limits import Refusals, SiteRateLimits
+from shared.blobs import CHUNK_HEADER_BYTES, BlobInbox, BlobOutbox, ChunkError, decode_chunk, iter_chunks
 from shared.blobstore import BlobStore
 from shared.config import OrchestratorSettings
 from shared.protocol import (ChunkRequest, EvalMetrics, Message, ModelPublished, OrchestratorStatus, ProtocolError,
@@ -33,12 +41,21 @@ from shared.transport import Incoming, Transport
 log = logging.getLogger(__name__)
 
 SENDER = "orchestrator"
+REFUSALS_PUBLISH_INTERVAL = 2.0  # seconds between status messages that only update the refusal counts
 
 
 @dataclass
-class _PendingUpload:
+class _Upload:
+    """A site's update for a round: its report was accepted, its chunks are on their way."""
+
     site: str
     report: UpdateReport
+    rerequests: int = 0
+
+    @property
+    def blob_id(self) -> str:
+        assert self.report.update is not None
+        return self.report.update.blob_id
 
 
 class OrchestratorService:
@@ -57,10 +74,18 @@ class OrchestratorService:
         self.inbox = BlobInbox(max_blob_bytes=settings.max_blob_bytes)
         self.outbox = BlobOutbox()
         self.presence: dict[str, SiteStatus] = {}
-        self.uploads: dict[str, _PendingUpload] = {}
+        self.uploads: dict[tuple[str, str], _Upload] = {}  # (site, round id) -> its upload in flight
+        self.limits = SiteRateLimits(settings.site_messages_per_second, settings.site_message_burst)
+        self.refusals = Refusals()
+        self._refusals_published = (0, 0.0)  # (refusals.changes, monotonic time) of the last status
+        self._last_status = ("starting", "")
         self.engine = RoundEngine(settings, self.registry, self.journal, self.strategy, self)
         self._traffic_mark = (0, 0)
-        self.rejected = 0
+
+    @property
+    def rejected(self) -> int:
+        """Messages refused so far, all sites and reasons."""
+        return self.refusals.total
 
     # lifetime -------------------------------------------------------------------------------
     def _initial_model(self) -> bytes:
@@ -92,6 +117,7 @@ class OrchestratorService:
                 self._drain(0.2)
                 self._request_stalled()
                 self.engine.tick(self.online())
+                self._publish_refusals()
                 if self.engine.state == "finished" and self.settings.exit_when_done:
                     break
         finally:
@@ -113,8 +139,14 @@ class OrchestratorService:
         site = self.topics.site_of(msg.topic)
         if site is None:
             return
+        chunk = Topics.is_chunk(msg.topic)
+        # Chunks of the site's own upload in flight are bounded by that upload: never charged.
+        if not (chunk and self._uploading(site, msg.payload)) and not self.limits.allow(site):
+            self.refusals.refuse(site, "rate_limited", f"more than {self.limits.rate:g} messages/s (burst "
+                                 f"{self.limits.burst}); dropped a message on {msg.topic}")
+            return
         try:
-            if Topics.is_chunk(msg.topic):
+            if chunk:
                 self._on_chunk(site, msg.payload)
                 return
             message = parse_message(msg.payload)
@@ -122,7 +154,9 @@ class OrchestratorService:
                 raise ProtocolError(f"message is for federation {message.federation!r}, this is "
                                     f"{self.settings.federation!r}")
             if message.sender != site:
-                raise ProtocolError(f"sender {message.sender!r} published on site {site!r}'s topic")
+                self.refusals.refuse(site, "wrong_sender", f"sender {message.sender!r} published on site {site!r}'s "
+                                     f"topic {msg.topic}")
+                return
             if isinstance(message, SiteStatus):
                 self._on_status(site, message)
             elif isinstance(message, UpdateReport):
@@ -133,9 +167,12 @@ class OrchestratorService:
                 self.engine.on_secure_message(site, message)
             else:
                 raise ProtocolError(f"a site may not send {message.type!r} messages")
-        except (ProtocolError, ChunkError, SecureRoundError) as e:
-            self.rejected += 1
-            log.warning("rejected a message from %s on %s: %s", site, msg.topic, e)
+        except ProtocolError as e:
+            self.refusals.refuse(site, "protocol", f"{e} (on {msg.topic})")
+        except ChunkError as e:
+            self.refusals.refuse(site, "bad_chunk", f"{e} (on {msg.topic})")
+        except SecureRoundError as e:
+            self.refusals.refuse(site, "secagg", f"{e} (on {msg.topic})")
 
     def _on_status(self, site: str, status: SiteStatus) -> None:
         before = self.presence.get(site)
@@ -152,11 +189,19 @@ class OrchestratorService:
         if self._already_stored(site, report):
             self.ack(site, report, accepted=True)
             return
+        upload = self.uploads.get((site, report.round_id))
+        if upload is not None:
+            if report.update is not None and report.update.blob_id == upload.blob_id:
+                return  # a resend of the upload in flight: its chunks are on their way
+            self._refuse_report(site, report, "upload_in_flight", f"another update ({upload.blob_id[:12]}) of this "
+                                "site for the round is still arriving; a site sends one update per round")
+            return
         try:
             self.engine.check_report(site, report)
+            if report.update is not None:
+                self._check_chunking(report)
         except UpdateRejected as e:
-            log.warning("refused the update of %s for %s: %s", site, report.round_id, e)
-            self.ack(site, report, accepted=False, reason=str(e))
+            self._refuse_report(site, report, e.code, str(e))
             return
         if report.update is None:
             self._accept(site, report, None)
@@ -164,31 +209,81 @@ class OrchestratorService:
         if report.update.blob_id in self.registry.blobs:
             self._accept(site, report, self.registry.blobs.get(report.update.blob_id))
             return
-        self.uploads[report.update.blob_id] = _PendingUpload(site, report)
-        self._blob_complete(site, self.inbox.expect(report.update))
+        try:
+            complete = self.inbox.expect(report.update)
+        except ChunkError as e:
+            self._refuse_report(site, report, "update_too_large", str(e))
+            return
+        self.uploads[(site, report.round_id)] = _Upload(site, report)
+        self._blob_complete(complete)
+
+    def _check_chunking(self, report: UpdateReport) -> None:
+        """Chunks the transport would drop as oversized could never complete the upload."""
+        assert report.update is not None
+        largest = self.transport.max_message_bytes - CHUNK_HEADER_BYTES
+        if report.update.chunk_size > largest:
+            raise UpdateRejected(f"update chunks of {report.update.chunk_size} bytes exceed the {largest} bytes a "
+                                 "chunk may carry here; the site's chunk_size must not exceed the orchestrator's",
+                                 "bad_manifest")
+
+    def _refuse_report(self, site: str, report: UpdateReport, code: str, reason: str) -> None:
+        self.refusals.refuse(site, code, f"update for {report.round_id}: {reason}")
+        self.ack(site, report, accepted=False, reason=reason)
+
+    def _uploading(self, site: str, chunk: bytes) -> bool:
+        """Whether this chunk belongs to the site's upload in flight."""
+        try:
+            blob_id = decode_chunk(chunk)[0]
+        except ChunkError:
+            return False
+        return any(u.site == site and u.blob_id == blob_id for u in self.uploads.values())
 
     def _on_chunk(self, site: str, payload: bytes) -> None:
-        self._blob_complete(site, self.inbox.offer(payload))
+        blob_id, index = decode_chunk(payload)[:2]
+        if not self.inbox.known(blob_id):
+            self.refusals.refuse(site, "unknown_blob_chunk", f"chunk {index} of blob {blob_id[:12]}, for which no "
+                                 f"upload is in flight; held only in the {self.inbox.max_orphan_bytes}-byte buffer for "
+                                 "chunks that overtake their report")
+        self._blob_complete(self.inbox.offer(payload))
 
-    def _blob_complete(self, site: str, blob_id: str | None) -> None:
+    def _waiting_for(self, blob_id: str) -> list[_Upload]:
+        return [u for u in self.uploads.values() if u.blob_id == blob_id]
+
+    def _blob_complete(self, blob_id: str | None) -> None:
         if blob_id is None:
             return
-        data = self.inbox.take(blob_id)
-        pending = self.uploads.pop(blob_id, None)
-        if pending is None or pending.site != site:
-            log.warning("dropped update blob %s from %s: no matching report", blob_id[:12], site)
+        waiting = self._waiting_for(blob_id)
+        for upload in waiting:
+            del self.uploads[(upload.site, upload.report.round_id)]
+        try:
+            data = self.inbox.take(blob_id)
+        except ChunkError as e:
+            if not waiting:
+                log.warning("dropped update blob %s: %s", blob_id[:12], e)
+            for upload in waiting:
+                self._refuse_report(upload.site, upload.report, "bad_blob", str(e))
             return
-        self._accept(site, pending.report, data)
+        if not waiting:
+            log.warning("dropped update blob %s: no upload waits for it any more", blob_id[:12])
+        for upload in waiting:
+            self._accept(upload.site, upload.report, data)
 
     def _accept(self, site: str, report: UpdateReport, data: bytes | None) -> None:
         try:
             self.engine.accept(site, report, data)
         except UpdateRejected as e:
-            log.warning("refused the update of %s for %s: %s", site, report.round_id, e)
-            self.ack(site, report, accepted=False, reason=str(e))
+            self._refuse_report(site, report, e.code, str(e))
             return
         self.ack(site, report, accepted=True)
         self.status(self.engine.state)
+
+    def _drop_upload(self, upload: _Upload, reason: str, detail: str) -> None:
+        """Forget an upload; its buffer goes too unless another site's upload is the same blob."""
+        del self.uploads[(upload.site, upload.report.round_id)]
+        if not self._waiting_for(upload.blob_id):
+            self.inbox.forget(upload.blob_id)
+        self.refusals.refuse(upload.site, reason, f"update {upload.blob_id[:12]} for {upload.report.round_id}: "
+                                                  f"{detail}")
 
     def _on_chunk_request(self, site: str, req: ChunkRequest) -> None:
         held = self.outbox.get(req.blob_id)
@@ -200,15 +295,30 @@ class OrchestratorService:
             self.transport.publish(self.topics.to_site_chunk(site, manifest.blob_id, index), chunk)
 
     def _request_stalled(self) -> None:
-        for blob_id in self.inbox.stalled(older_than=5.0):
-            pending = self.uploads.get(blob_id)
-            if pending is None:
+        """Ask again for the missing chunks of a stalled upload, at most ``upload_rerequests`` times."""
+        for blob_id in self.inbox.stalled(older_than=self.settings.upload_stall_seconds):
+            waiting = self._waiting_for(blob_id)
+            if not waiting:
                 self.inbox.forget(blob_id)
-                continue
-            req = ChunkRequest(federation=self.settings.federation, sender=SENDER, blob_id=blob_id,
-                               indices=self.inbox.missing(blob_id))
-            log.info("asking %s again for %d chunks of its update", pending.site, len(req.indices))
-            self.transport.publish(self.topics.to_site(pending.site, "request"), req.to_bytes())
+            for upload in waiting:
+                if upload.rerequests >= self.settings.upload_rerequests:
+                    self._drop_upload(upload, "upload_stalled", f"no new chunk after {upload.rerequests} requests; "
+                                      "dropped (a resend of the report starts it over)")
+                    continue
+                upload.rerequests += 1
+                req = ChunkRequest(federation=self.settings.federation, sender=SENDER, blob_id=blob_id,
+                                   indices=self.inbox.missing(blob_id))
+                log.info("asking %s again for %d chunks of its update (request %d of %d)", upload.site,
+                         len(req.indices), upload.rerequests, self.settings.upload_rerequests)
+                self.transport.publish(self.topics.to_site(upload.site, "request"), req.to_bytes())
+
+    def _publish_refusals(self) -> None:
+        """Republish the status when refusals were counted since the last one (at most every few seconds)."""
+        changes, published_at = self._refusals_published
+        now = time.monotonic()
+        if self.refusals.changes != changes and now - published_at >= REFUSALS_PUBLISH_INTERVAL:
+            state, detail = self._last_status
+            self.status(self.engine.state, detail if state == self.engine.state else "")
 
     # RoundPublisher -------------------------------------------------------------------------
     def ack(self, site: str, report: UpdateReport, *, accepted: bool, reason: str | None = None) -> None:
@@ -264,7 +374,16 @@ class OrchestratorService:
                            bytes_up=received - self._traffic_mark[1], seconds=seconds, privacy=privacy)
         self.transport.publish(self.topics.round_summary, msg.to_bytes(), retain=True)
 
+    def round_ended(self, round_id: str) -> None:
+        """Release the uploads still arriving for a round that closed or failed, and parked chunks."""
+        for upload in [u for u in self.uploads.values() if u.report.round_id == round_id]:
+            self._drop_upload(upload, "round_ended", "the round ended before the upload completed")
+        # Chunks parked for want of a report cannot belong to the next round: it is not announced yet.
+        self.inbox.drop_orphans()
+
     def status(self, state: str, detail: str = "") -> None:
+        self._last_status = (state, detail)
+        self._refusals_published = (self.refusals.changes, time.monotonic())
         cur = self.engine.current if hasattr(self, "engine") else None
         latest = self.registry.latest()
         msg = OrchestratorStatus(
@@ -272,5 +391,5 @@ class OrchestratorService:
             round=cur.record.round if cur else None, attempt=cur.record.attempt if cur else None,
             round_id=cur.record.round_id if cur else None, model_version=latest.version if latest else None,
             selected=cur.record.selected if cur else [], reported=sorted(cur.reported) if cur else [],
-            deadline=cur.record.deadline if cur else None, detail=detail)
+            deadline=cur.record.deadline if cur else None, detail=detail, refusals=self.refusals.snapshot())
         self.transport.publish(self.topics.orchestrator_status, msg.to_bytes(), retain=True)

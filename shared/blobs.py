@@ -26,6 +26,7 @@ DEFAULT_CHUNK_SIZE = 1024 * 1024
 _MAGIC = b"FMQC"
 _HEADER = struct.Struct(">4sB32sII")  # magic, format version, blob sha256, index, count
 _VERSION = 1
+CHUNK_HEADER_BYTES = _HEADER.size
 
 
 class ChunkError(ValueError):
@@ -114,7 +115,22 @@ class BlobInbox:
         return complete
 
     def forget(self, blob_id: str) -> None:
+        """Stop collecting a blob and release its buffer (its upload was dropped or its round ended)."""
         self._assemblies.pop(blob_id, None)
+
+    def drop_orphans(self) -> None:
+        """Release every parked chunk: nothing announced so far will claim them any more."""
+        self._orphans.clear()
+        self._orphan_bytes = 0
+
+    def known(self, blob_id: str) -> bool:
+        """Whether chunks of this blob are wanted (being reassembled) or harmless (recently completed)."""
+        return blob_id in self._assemblies or blob_id in self._done
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held for blobs being reassembled plus early chunks parked: what a flood can make us hold."""
+        return sum(len(a.buffer) for a in self._assemblies.values()) + self._orphan_bytes
 
     def offer(self, payload: bytes) -> str | None:
         """Take one chunk payload; returns the blob id when that blob just became complete."""
@@ -147,6 +163,10 @@ class BlobInbox:
         m = asm.manifest
         if index >= m.count:
             raise ChunkError(f"chunk index {index} out of range: blob {blob_id[:12]} has {m.count} chunks")
+        expected = min(m.chunk_size, m.size - index * m.chunk_size)
+        if len(data) != expected:
+            raise ChunkError(f"chunk {index} of blob {blob_id[:12]} has {len(data)} bytes, the manifest says "
+                             f"{expected}; it will be requested again")
         if sha256_hex(data) != m.chunk_sha256[index]:
             raise ChunkError(f"chunk {index} of blob {blob_id[:12]} does not match its sha256 in the manifest; "
                              "it will be requested again")
@@ -161,7 +181,8 @@ class BlobInbox:
         asm = self._assemblies.pop(blob_id)
         data = bytes(asm.buffer)
         if sha256_hex(data) != blob_id:
-            raise ChunkError(f"blob {blob_id[:12]} reassembled to different bytes; it will be requested again")
+            raise ChunkError(f"blob {blob_id[:12]} reassembled to bytes with another sha256: its manifest does not "
+                             "describe the data; the sender must send a manifest made from the data itself")
         self._done[blob_id] = None
         while len(self._done) > 256:
             self._done.popitem(last=False)

@@ -401,6 +401,29 @@ def encode_model_delta(base: Mapping[str, np.ndarray], new: Mapping[str, np.ndar
     return builder.pack(_DELTA_ZSTD_LEVEL)
 
 
+def max_update_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The largest message ``encode_tensors`` can produce for an update of these tensors.
+
+    A receiver checks a declared update size against it before allocating anything: every
+    tensor at its most expensive (``sparse`` with every element kept: float32 values plus a
+    full bitmap, ``4 * numel + ceil(numel / 8)`` bytes), the header with the longest entry
+    each tensor can have, and zstd's worst-case expansion of incompressible input plus the
+    block the encoder ends at each section.
+    """
+    shapes = _expected_shapes(shapes)
+    entries = [_SparseEntry.model_construct(
+        name=name, shape=shape, encoding="sparse", nnz=math.prod(shape), index_coding="bitmap",
+        index_bytes=math.prod(shape), value_dtype="int8", scale=-1.1754943508222875e-38)
+        for name, shape in shapes.items()]
+    header = len(_Header.model_construct(dtype="float32", tensors=entries).model_dump_json().encode())
+    body = header + sum(4 * math.prod(shape) + _bitmap_bytes(math.prod(shape)) for shape in shapes.values())
+    # ZSTD_COMPRESSBOUND, plus a 3-byte block header for each of the encoder's three section flushes and
+    # the frame header and checksum (at most 18 + 4 bytes).
+    small_input_margin = ((128 << 10) - body) >> 11 if body < (128 << 10) else 0
+    compressed = body + (body >> 8) + small_input_margin + 3 * 3 + 22
+    return _PREFIX.size + max(body, compressed)
+
+
 # --- position coding -------------------------------------------------------------------
 
 

@@ -41,6 +41,10 @@ class CommonSettings(BaseSettings):
     max_blob_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     state_dir: Path = Path(".fedmq")
     log_level: str = "INFO"
+    inbox_max_messages: int = Field(default=10_000, ge=1, description="messages received but not yet processed "
+                                    "that the transport holds; beyond it new ones are dropped and counted")
+    inbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="payload bytes received but not yet "
+                                 "processed that the transport holds; beyond it new messages are dropped and counted")
 
     @field_validator("federation")
     @classmethod
@@ -111,6 +115,18 @@ class OrchestratorSettings(CommonSettings):
     final_evaluation: bool = True
     exit_when_done: bool = False
     secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
+    max_update_abs: float = Field(default=1e6, gt=0, allow_inf_nan=False,
+                                  description="largest magnitude of any value of a site's decoded update; a "
+                                  "larger one is refused so one site cannot wreck the global model")
+    upload_stall_seconds: float = Field(default=5.0, gt=0, description="seconds without a new chunk before the "
+                                        "missing chunks of an upload are asked for again")
+    upload_rerequests: int = Field(default=5, ge=0, description="times a stalled upload is asked for again before "
+                                   "it is dropped (the site's resend starts it over)")
+    site_messages_per_second: float = Field(default=200.0, gt=0, allow_inf_nan=False,
+                                            description="sustained messages per second one site may send (chunks "
+                                            "of its upload in flight excepted); beyond it they are dropped")
+    site_message_burst: int = Field(default=2000, ge=1, description="messages one site may send at once "
+                                    "before site_messages_per_second applies")
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> "OrchestratorSettings":

@@ -362,6 +362,15 @@ class SiteStatus(Message):
 
 
 class OrchestratorStatus(Message):
+    """The orchestrator's retained state; monitors read it.
+
+    Fields added later are left out of the JSON while empty, so readers of an earlier release
+    parse every status that has nothing new to say; and this release ignores fields it does not
+    know, so later additions will not break it.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
     type: Literal["orch_status"] = "orch_status"
     state: Literal["starting", "waiting", "collecting", "aggregating", "evaluating", "finished", "offline"]
     round: int | None = None
@@ -372,6 +381,11 @@ class OrchestratorStatus(Message):
     reported: list[str] = Field(default_factory=list)
     deadline: float | None = None
     detail: str = ""
+    refusals: dict[str, dict[str, int]] = Field(default_factory=dict, description="messages refused since the "
+                                                "orchestrator started: {site: {reason: count}}")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude={"refusals"} if not self.refusals else None).encode()
 
 
 class ModelPublished(Message):

@@ -12,10 +12,12 @@ blocks keepalives.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlparse
@@ -30,6 +32,7 @@ from shared.config import CommonSettings
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
+INBOX_FULL_LOG_INTERVAL = 10.0  # seconds between log lines about a full incoming queue
 
 
 class TransportError(RuntimeError):
@@ -68,7 +71,15 @@ class Transport:
         self.address = BrokerAddress.parse(settings.broker_url)
         self.client_id = client_id
         self.max_message_bytes = max_message_bytes or settings.chunk_size + 4096
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        # Bounded: paho's network thread must never block, so when the owner falls behind new
+        # messages are dropped and counted (QoS 1 senders resend what is not acknowledged, and
+        # missing chunks are asked for again).
+        self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=settings.inbox_max_messages)
+        self.inbox_max_bytes = settings.inbox_max_bytes
+        self._inbox_bytes = 0
+        self._inbox_lock = threading.Lock()
+        self.dropped_inbox_full = 0
+        self._full_logged_at = -math.inf
         self.connected = threading.Event()
         self._disconnected = threading.Event()
         self._last_publish: mqtt.MQTTMessageInfo | None = None
@@ -145,7 +156,24 @@ class Transport:
             log.error("dropped a %d-byte message on %s: larger than the %d-byte limit", size, msg.topic,
                       self.max_message_bytes)
             return
-        self.inbox.put(Incoming(msg.topic, msg.payload, bool(msg.retain)))
+        with self._inbox_lock:
+            if self._inbox_bytes + size <= self.inbox_max_bytes:
+                try:
+                    self.inbox.put_nowait(Incoming(msg.topic, msg.payload, bool(msg.retain)))
+                    self._inbox_bytes += size
+                    return
+                except queue.Full:
+                    pass
+            self.dropped_inbox_full += 1
+            dropped = self.dropped_inbox_full
+        now = time.monotonic()
+        if now - self._full_logged_at >= INBOX_FULL_LOG_INTERVAL:
+            self._full_logged_at = now
+            log.error("%s: incoming queue full (%d messages, %d bytes held; limits %d and %d): dropped a message on "
+                      "%s, %d dropped so far. The process falls behind what it receives: look for a site flooding "
+                      "it, or raise FEDMQ_INBOX_MAX_MESSAGES / FEDMQ_INBOX_MAX_BYTES", self.client_id,
+                      self.inbox.qsize(), self._inbox_bytes, self.inbox.maxsize, self.inbox_max_bytes, msg.topic,
+                      dropped)
 
     # lifecycle ------------------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> "Transport":
@@ -217,8 +245,16 @@ class Transport:
         self._last_publish = info
         return info
 
+    @property
+    def inbox_bytes(self) -> int:
+        """Payload bytes received and not yet taken by ``get``."""
+        return self._inbox_bytes
+
     def get(self, timeout: float | None = None) -> Incoming | None:
         try:
-            return self.inbox.get(timeout=timeout)
+            msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        with self._inbox_lock:
+            self._inbox_bytes -= len(msg.payload)
+        return msg

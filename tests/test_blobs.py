@@ -252,7 +252,7 @@ def test_take_verifies_the_whole_hash() -> None:
         payload = encode_chunk(liar.blob_id, i, 2, data[i * CHUNK:(i + 1) * CHUNK])
         last = inbox.offer(payload)
     assert last == liar.blob_id
-    with pytest.raises(ChunkError, match="reassembled to different bytes"):
+    with pytest.raises(ChunkError, match="reassembled to bytes with another sha256"):
         inbox.take(liar.blob_id)
 
 
@@ -276,3 +276,38 @@ def test_outbox_keeps_recent_blobs_within_budget() -> None:
     big_manifest = make_manifest(big, "x", CHUNK)
     outbox.add(big_manifest, big)
     assert outbox.get(big_manifest.blob_id) is not None
+
+
+def test_chunk_longer_than_the_manifest_says_is_refused_and_the_buffer_keeps_its_size() -> None:
+    """A sender that lists hashes of oversized chunks must not grow the reassembly buffer past the declared size."""
+    data = _blob(2 * CHUNK)
+    long_chunk = data[:CHUNK] + b"extra"
+    liar = BlobManifest(blob_id=sha256_hex(data), size=len(data), chunk_size=CHUNK,
+                        chunk_sha256=[sha256_hex(long_chunk), sha256_hex(data[CHUNK:])], media_type="x")
+    inbox = BlobInbox(max_blob_bytes=1 << 20)
+    inbox.expect(liar)
+    with pytest.raises(ChunkError, match=f"has {CHUNK + 5} bytes, the manifest says {CHUNK};"):
+        inbox.offer(encode_chunk(liar.blob_id, 0, 2, long_chunk))
+    assert inbox.held_bytes == 2 * CHUNK
+    assert inbox.missing(liar.blob_id) == [0, 1]
+
+
+def test_held_bytes_counts_buffers_and_parked_chunks_until_forgotten() -> None:
+    data = _blob(3 * CHUNK)
+    manifest, chunks = _chunks(data)
+    other, other_chunks = _chunks(_blob(CHUNK, seed=1))
+    inbox = BlobInbox(max_blob_bytes=1 << 20)
+    assert inbox.held_bytes == 0 and not inbox.known(manifest.blob_id)
+    inbox.expect(manifest)
+    inbox.offer(other_chunks[0])  # nobody expects it: parked
+    assert inbox.known(manifest.blob_id) and not inbox.known(other.blob_id)
+    assert inbox.held_bytes == 3 * CHUNK + CHUNK
+    inbox.forget(manifest.blob_id)
+    assert inbox.held_bytes == CHUNK and inbox.pending() == []
+    inbox.expect(manifest)
+    for chunk in chunks:
+        done = inbox.offer(chunk)
+    assert inbox.take(done) == data
+    assert inbox.known(manifest.blob_id), "a completed blob's late duplicates are recognised, not parked"
+    inbox.offer(chunks[0])
+    assert inbox.held_bytes == CHUNK

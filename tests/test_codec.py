@@ -976,3 +976,23 @@ def test_tensors_named_dense_are_sent_whole_in_sparse_mode() -> None:
                              max_decoded_bytes=10**6)
     np.testing.assert_array_equal(decoded["bn.running_var"], tensors["bn.running_var"])
     assert np.count_nonzero(decoded["fc.weight"]) == 10
+
+
+@pytest.mark.parametrize("settings", [
+    CompressionSettings(), CompressionSettings(zstd_level=0), CompressionSettings(zstd_level=19),
+    CompressionSettings(mode="sparse", topk_fraction=1.0, quantization="none", min_sparse_numel=0),
+    CompressionSettings(mode="sparse", topk_fraction=1.0, quantization="none", min_sparse_numel=0, zstd_level=0),
+    CompressionSettings(mode="sparse", topk_fraction=0.9, quantization="int8", min_sparse_numel=0, zstd_level=0),
+    CompressionSettings(mode="sparse", topk_count=1, quantization="int8", min_sparse_numel=0, dense_dtype="int8"),
+], ids=lambda s: f"{s.mode}-{s.quantization}-z{s.zstd_level}")
+def test_max_update_bytes_bounds_what_the_encoder_produces(settings: CompressionSettings) -> None:
+    """The bound a receiver checks declared sizes against must hold for incompressible worst cases."""
+    rng = np.random.default_rng(5)
+    shapes = {"conv.weight\u00e9\u2603" + "\x01" * 40: (64, 3, 3, 3), "conv.bias": (64,), "fc.weight": (10, 4096),
+              "fc.bias": (10,), "scalar": (), "empty": (0, 7)}
+    update = {name: rng.normal(scale=3.0, size=shape).astype(np.float32) for name, shape in shapes.items()}
+    encoded = encode_tensors(update, settings, rng=rng)
+    bound = codec.max_update_bytes(shapes)
+    assert len(encoded) <= bound
+    dense = 4 * sum(math.prod(s) for s in shapes.values())
+    assert bound < 1.2 * dense + 4096, "the bound stays near the dense size, or it would bound nothing"

@@ -258,3 +258,13 @@ def test_secure_aggregation_messages_carry_binary_fields_as_base64():
     reveal = SecAggReveal(federation="demo", sender="a", round_id="r", self_seed_shares={"b": b"\x00\x01"},
                           mask_key_shares={})
     assert parse_message(reveal.to_bytes()).self_seed_shares == {"b": b"\x00\x01"}
+
+
+def test_orchestrator_status_refusals_stay_readable_by_earlier_and_later_releases() -> None:
+    """Without refusals the JSON is what earlier readers know; fields of later releases are ignored, not fatal."""
+    quiet = OrchestratorStatus(federation=FED, sender="orchestrator", state="waiting")
+    assert "refusals" not in json.loads(quiet.to_bytes())
+    counted = quiet.model_copy(update={"refusals": {"site-h": {"rate_limited": 3, "update_too_large": 1}}})
+    assert parse_message(counted.to_bytes()).refusals == {"site-h": {"rate_limited": 3, "update_too_large": 1}}
+    later = {**json.loads(counted.to_bytes()), "added_by_a_later_release": {"x": 1}}
+    assert parse_message(json.dumps(later).encode()) == counted

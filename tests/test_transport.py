@@ -261,3 +261,30 @@ def test_tcp_nodelay_is_set(mosquitto: Broker, make_transport: MakeTransport) ->
     sock = t._client.socket()
     assert sock is not None
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest.mark.parametrize("limit", [{"inbox_max_messages": 5}, {"inbox_max_bytes": 5 * 1000}])
+def test_full_inbox_drops_and_counts_without_blocking(mosquitto: Broker, make_transport: MakeTransport,
+                                                      limit: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """An owner that falls behind loses new messages (counted, logged once), never paho's network thread."""
+    topics = _topics()
+    topic = topics.site("site-a", "blob/x/0")
+    sub = Transport(_settings(mosquitto.url, **limit), f"c-{uuid.uuid4().hex[:10]}")
+    pub = make_transport(mosquitto.url)
+    with sub:
+        _subscribed(pub, sub, f"{topics.base}/site/site-a/#", topics.site("site-a", "probe"))
+        received_before = sub.bytes_received
+        for i in range(20):
+            pub.publish(topic, bytes([i]) * 1000)
+        deadline = time.monotonic() + WAIT
+        while sub.bytes_received < received_before + 20 * 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sub.bytes_received >= received_before + 20 * 1000, "the network thread stopped reading"
+        assert sub.dropped_inbox_full == 15
+        kept = []
+        while (msg := sub.get(timeout=0.3)) is not None:
+            kept.append(msg.payload[0])
+        assert kept == [0, 1, 2, 3, 4], "the oldest messages are kept, the newest dropped"
+        pub.publish(topic, b"after")
+        assert _expect(sub, topic).payload == b"after", "a drained queue accepts messages again"
+    assert caplog.text.count("incoming queue full") == 1, "the drops are logged once per interval, not per message"
