@@ -26,7 +26,7 @@ from shared.blobs import make_manifest
 from shared.blobstore import BlobStore
 from shared.compression import ErrorFeedback
 from shared.config import AgentSettings, OrchestratorSettings, SecureAggregationSettings
-from shared.pki import FederationPki, load_ca_certificate, load_identity_key
+from shared.pki import FederationPki, FederationTrust, load_ca_certificate, load_identity_key
 from shared.privacy.secagg import quantize
 from shared.privacy.secagg_layout import UpdateLayout
 from shared.protocol import (RoundCommand, SecAggAdvert, SecAggKeys, SecAggRoster, SecAggShares,
@@ -45,7 +45,8 @@ def pki(tmp_path_factory) -> FederationPki:
 
 
 def _identity(pki: FederationPki, site: str) -> SiteIdentity:
-    return SiteIdentity(pki.cert_path(site).read_text(), load_identity_key(pki.key_path(site)), pki.ca_cert)
+    return SiteIdentity(pki.cert_path(site).read_text(), load_identity_key(pki.key_path(site)),
+                        FederationTrust(pki.ca_cert, pki.crl_path))
 
 
 def _command(**secure) -> RoundCommand:
@@ -66,8 +67,8 @@ def _session(pki: FederationPki, cmd: RoundCommand, site: str) -> SecureUpdate:
 
 
 def _round(pki: FederationPki, cmd: RoundCommand) -> SecureRound:
-    return SecureRound(cmd, UpdateLayout.for_round(SHAPES, [], cmd.training.secure_aggregation), pki.ca_cert,
-                       time.time)
+    return SecureRound(cmd, UpdateLayout.for_round(SHAPES, [], cmd.training.secure_aggregation),
+                       FederationTrust(pki.ca_cert, pki.crl_path), time.time)
 
 
 def test_the_orchestrator_refuses_keys_without_a_valid_federation_certificate(pki, tmp_path):
