@@ -122,6 +122,32 @@ def test_the_agent_refuses_a_roster_with_substituted_keys(pki):
     assert sorted(s.peer for s in shares.shares) == ["b", "c"]
 
 
+def test_a_revoked_certificate_vouches_for_nothing_at_the_orchestrator_nor_at_peers(tmp_path):
+    own = FederationPki.init(tmp_path / "pki", "demo")
+    for site in SITES:
+        own.issue_site(site)
+    cmd = _command()
+    sessions = {s: _session(own, cmd, s) for s in SITES}
+    keys = [sessions[s].advert().keys for s in SITES]  # all advertised before c's revocation reached anyone
+    server = _round(own, cmd)
+    own.revoke("c")
+    with pytest.raises(SecureRoundError, match="site c .* was revoked on"):
+        server.on_advert("c", sessions["c"].advert())
+    server.on_advert("a", sessions["a"].advert())
+    assert server.waiting_for == ["b", "c"]
+    # An orchestrator that puts c's keys in the roster anyway: every peer refuses the roster.
+    roster = SecAggRoster(federation="demo", sender="orchestrator", round_id=cmd.round_id, keys=keys)
+    with pytest.raises(SecureUpdateError, match="refusing the roster: .*site c .* was revoked"):
+        sessions["a"].on_roster(roster)
+    # And c itself, told by its CRL, takes no part rather than advertise keys nobody accepts.
+    settings = AgentSettings(site_id="c", data_train=tmp_path / "t.csv", tls_ca=own.ca_cert_path,
+                             tls_cert=own.cert_path("c"), tls_key=own.key_path("c"))
+    with pytest.raises(SecureUpdateError, match="cannot use this site's identity .* revoked"):
+        SiteIdentity.from_settings(settings)
+    assert SiteIdentity.from_settings(settings.model_copy(update={"site_id": "a", "tls_cert": own.cert_path("a"),
+                                                                  "tls_key": own.key_path("a")}))
+
+
 def test_masked_updates_and_shares_are_checked_before_they_count(pki):
     cmd = _command()
     server = _round(pki, cmd)
