@@ -67,7 +67,8 @@ class SecureAggregationSettings(BaseModel):
 
     Every site needs its federation certificate and key (``fedmq pki issue-site``; the agent's
     TLS identity by default) and the orchestrator the federation CA certificate: each site signs
-    its round keys, and every party checks the signatures against certificates issued by the CA.
+    its round keys, and every party checks the signatures against certificates issued by the CA
+    and not revoked by its CRL (``identity_crl``, by default the ``crl.pem`` beside the CA).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

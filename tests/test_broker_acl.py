@@ -298,4 +298,5 @@ def test_container_example_is_the_generated_config(tmp_path: Path) -> None:
         assert (shipped / path.name).read_text() == path.read_text(), \
             f"containers/mosquitto/{path.name} is stale: run `python -m shared.broker_acl`"
     assert "require_certificate true" in (shipped / "mosquitto.conf").read_text()
+    assert "crlfile /mosquitto/certs/crl.pem" in (shipped / "mosquitto.conf").read_text(), "revoked sites must stay out"
     assert acl_text() == (shipped / "acl").read_text()
