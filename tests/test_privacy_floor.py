@@ -110,7 +110,7 @@ def _floored_heart(broker_url: str, root: Path, federation: str, floors: dict[st
     orch, agents = heart_settings(broker_url, root, DemoOptions(rounds=1))
     strategy = {"name": "dp_fedavg", "options": {"noise": "distributed", "clip_norm": CLIP, "noise_multiplier": Z}}
     orch = orch.model_copy(update={"federation": federation, "strategy": strategy, "quorum": QUORUM,
-                                   "final_evaluation": False, "round_timeout": 600.0})
+                                   "round_timeout": 600.0})
     agents = [a.model_copy(update={"federation": federation, **floors.get(a.site_id, {})}) for a in agents]
     if secure:
         orch, agents = with_secure_aggregation(orch, agents, root / "pki", phase_timeout=600.0)
@@ -145,6 +145,8 @@ def test_a_site_whose_floor_the_round_misses_refuses_and_the_others_complete(mos
             fed.wait_finished(timeout=120)
             journal = fed.orchestrator.journal
             updates = {u.site for u in journal.updates(f"{federation}-r1-a1")}
+            evaluation = journal.done("evaluate")[-1].round_id
+            evaluated = {u.site for u in journal.updates(evaluation)}
         sent = _sent_by(watch)
 
     registry = ModelRegistry.open(orch.state_dir)
@@ -158,8 +160,29 @@ def test_a_site_whose_floor_the_round_misses_refuses_and_the_others_complete(mos
     assert errors and errors[0].round_id == f"{federation}-r1-a1", sent
     assert "this site requires client-level DP" in errors[0].detail
     assert "lower FEDMQ_DP_MIN_NOISE_SHARE_STD" in errors[0].detail
-    assert not [m for _, m in sent if isinstance(m, UpdateReport)], "va sent an update report"
-    allowed = {topics.site("va", "status"), topics.site("va", "request")}  # requests: missing model chunks
+    reports = [m for _, m in sent if isinstance(m, UpdateReport)]
+    assert [(r.round_id, r.update) for r in reports] == [(evaluation, None)], "va sent an update for training"
+    allowed = {topics.site("va", n) for n in ("status", "request", "update")}  # request: missing model chunks
     assert {topic for topic, _ in sent} <= allowed, f"va published more: {sorted({t for t, _ in sent})}"
-    assert any("this site requires client-level DP" in r.getMessage() for r in caplog.records
-               if r.levelname == "ERROR"), "the refusal must be in the agent's log"
+    # Still up: va scored the final version in the evaluation round that followed.
+    assert "va" in evaluated
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("this site requires client-level DP" in m for m in logged), "the refusal must be in the agent's log"
+    if not secure:
+        assert any("aggregating without ['va'], which reported errors" in m for m in logged), logged
+
+
+def test_too_many_refusals_fail_the_round_at_once_with_the_sites_reasons(mosquitto, tmp_path):
+    federation = "floor-no-quorum"
+    too_high = {"dp_max_clip_norm": 1.0, "dp_min_noise_share_std": 1.0}
+    orch, agents = _floored_heart(mosquitto.url, tmp_path, federation, {"va": too_high, "hungary": too_high},
+                                  secure=False)
+    orch = orch.model_copy(update={"max_attempts": 1})
+    with run_federation(orch, agents) as fed:
+        fed.wait_finished(timeout=120)  # deadline 600 s: it did not wait
+        state, detail = fed.orchestrator.journal.conn.execute(
+            "SELECT state, detail FROM rounds WHERE round_id = ?", (f"{federation}-r1-a1",)).fetchone()
+    assert state == "failed"
+    assert f"cannot reach its quorum of {QUORUM}" in detail and "['hungary', 'va']" in detail, detail
+    assert "this site requires client-level DP" in detail, "the operator must see the sites' reason"
+    assert [v.version for v in ModelRegistry.open(orch.state_dir).list()] == [0]
