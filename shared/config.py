@@ -36,6 +36,8 @@ class CommonSettings(BaseSettings):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_crl: Path | None = Field(default=None, description="federation CRL: a revoked broker certificate is refused "
+                                 "(default crl.pem beside tls_ca, if present)")
     keepalive: int = Field(default=30, ge=5)
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024)
     max_blob_bytes: int = Field(default=512 * 1024 * 1024, gt=0)

@@ -455,6 +455,12 @@ def load_ca_certificate(path: Path) -> x509.Certificate:
                        f"ca.crt that `fedmq pki init` created") from None
 
 
+def crl_beside(ca_path: Path) -> Path | None:
+    """The crl.pem next to a ca.crt, where `fedmq pki` writes it and where it is handed out with it; None if absent."""
+    beside = Path(ca_path).parent / CRL_FILE
+    return beside if beside.is_file() else None
+
+
 def load_verified_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
     """The federation CRL at ``path``, refused unless the CA signed it and it has not expired.
 
@@ -499,14 +505,11 @@ class FederationTrust:
         CRL only the broker refuses revoked certificates, which a warning says.
         """
         ca_cert = load_ca_certificate(ca_path)
+        crl_path = crl_path or crl_beside(ca_path)
         if crl_path is None:
-            beside = Path(ca_path).parent / CRL_FILE
-            if not beside.is_file():
-                log.warning("no %s beside %s: revoked site certificates are refused only by the broker; copy the "
-                            "federation's %s there (or name it in the identity_crl setting)", CRL_FILE, ca_path,
-                            CRL_FILE)
-                return cls(ca_cert)
-            crl_path = beside
+            log.warning("no %s beside %s: revoked site certificates are refused only by the broker; copy the "
+                        "federation's %s there (or name it in the identity_crl setting)", CRL_FILE, ca_path, CRL_FILE)
+            return cls(ca_cert)
         trust = cls(ca_cert, Path(crl_path))
         trust.revoked_on(0)  # a missing, foreign or expired CRL is reported at start-up, not at the first round
         return trust
