@@ -23,7 +23,8 @@ gets ca.crt, crl.pem and orchestrator.crt/.key; each hospital gets ca.crt, crl.p
 its own sites/<id>.crt/.key. The broker refuses revoked certificates at connect time; the
 orchestrator and the hospitals check the same CRL whenever a site's certificate vouches for
 its secure-aggregation keys (``FederationTrust``), so a revoked site cannot take part in a
-round even through a broker that has not reread its CRL yet.
+round even through a broker that has not reread its CRL yet; and every fedmq client checks
+the broker's own certificate against it (``shared.transport.client_tls_context``).
 
 Keys are EC P-256 (small, fast, supported by every OpenSSL Mosquitto and paho link to).
 Reissuing an identity (``force``) revokes the certificate it replaces, so at most one
@@ -290,7 +291,8 @@ class FederationPki:
         """Revoke the current certificate of a site (or of the orchestrator/operator).
 
         The CRL file is rewritten in place; Mosquitto reads it at start-up and on SIGHUP, so
-        the broker must be signalled (``docker kill -s HUP mosquitto``) or restarted.
+        the broker must be signalled (``docker kill -s HUP mosquitto``) or restarted. Copies
+        beside ca.crt at the orchestrator and the hospitals count from their next check.
         """
         if name not in (ORCHESTRATOR, OPERATOR):
             validate_site_id(name)
