@@ -7,7 +7,9 @@ the local test set, train on local data, send the update, keep it until acknowle
 A restarted agent resends an unacknowledged update instead of losing or redoing its work.
 
 Privacy: when the round asks for client-level DP (``dp_clip_norm``), the update is clipped
-(and, with distributed noise, given this site's noise share) before it leaves. The site's own
+(and, with distributed noise, given this site's noise share) before it leaves; a train round
+asking for less than the site's own floor (``dp_max_clip_norm``, ``dp_min_noise_share_std``)
+is refused before any work, and nothing leaves for it. The site's own
 sample-level DP-SGD budget comes from its settings alone; the agent charges a round's steps to
 its persisted ledger before training and refuses rounds that would exceed the budget. In a
 secure-aggregation round the trained update leaves only masked (``edge_agent/secure_update.py``).
@@ -361,6 +363,8 @@ class EdgeAgent:
         cfg = cmd.training
         seed = round_seed(cfg.seed, self.site, cmd.round)
         try:
+            if cmd.kind == "train":
+                check_client_dp_floor(self.settings, cmd)
             data = self._dataset(cmd.task)
             dp = self._charge_dp_sgd(cmd, data)
             start_bytes = self._personalize(global_bytes, cmd)
@@ -505,6 +509,43 @@ class EdgeAgent:
                 self.transport.publish(self.topics.site_chunk(self.site, pending.blob, index), chunk)
         self._ack_due = time.monotonic() + self.settings.ack_timeout
         self.set_status("uploading", f"round {pending.report.round}")
+
+
+def check_client_dp_floor(settings: AgentSettings, cmd: RoundCommand) -> None:
+    """Refuse (``TrainingError``) a train round whose client-level DP is weaker than this site's floor.
+
+    Why here and first: the floor is the hospital's, not the federation's, so the round command
+    cannot lower it, and a refused round must cost no training, no DP-SGD budget and no message
+    but the error status. Central noise is added by the orchestrator, out of the site's sight,
+    so for the floor it counts as no noise.
+    """
+    max_clip, min_std = settings.dp_max_clip_norm, settings.dp_min_noise_share_std
+    if max_clip is None:
+        return
+    cfg = cmd.training
+    clip = cfg.dp_clip_norm
+    short = []
+    if clip is None:
+        short.append("no client-level DP at all")
+    elif clip > max_clip:
+        short.append(f"a clip norm of {clip:g}")
+    if min_std is not None and clip is not None and cfg.dp_noise_share_std < min_std:
+        short.append(f"a noise share std of {cfg.dp_noise_share_std:g}" if cfg.dp_noise_share_std
+                     else "no noise added by the sites (no distributed noise)")
+    if not short:
+        return
+    required = f"updates clipped to an L2 norm of at most {max_clip:g} (FEDMQ_DP_MAX_CLIP_NORM)"
+    ask = f"a dp_fedavg clip_norm of at most {max_clip:g}"
+    lower = "raise FEDMQ_DP_MAX_CLIP_NORM"
+    if min_std is not None:
+        required += f" with a distributed noise share std of at least {min_std:g} (FEDMQ_DP_MIN_NOISE_SHARE_STD)"
+        ask += (" with noise 'distributed' and a noise_multiplier of at least "
+                f"{min_std:g} * sqrt(quorum) / clip_norm (each site's share is noise_multiplier * clip_norm / "
+                "sqrt(quorum))")
+        lower = "lower FEDMQ_DP_MIN_NOISE_SHARE_STD or " + lower
+    raise TrainingError(f"this site requires client-level DP: {required}; round {cmd.round} ({cmd.round_id}) asks "
+                        f"for {' and '.join(short)}, so it was refused and nothing was sent; ask the federation for "
+                        f"{ask}, or {lower} (a weaker guarantee for this site's patients)")
 
 
 def _clip_and_noise(delta: dict[str, np.ndarray], cfg: TrainingConfig) -> tuple[dict[str, np.ndarray], bool]:

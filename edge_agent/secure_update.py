@@ -2,7 +2,7 @@
 
 The agent trains as usual, then instead of sending its update it (0) advertises two fresh
 X25519 keys signed with its federation identity key, (1) on the roster checks every peer's
-certificate against the federation CA and seals Shamir shares of its secrets to each peer,
+certificate against the federation CA and its CRL and seals Shamir shares of its secrets to each peer,
 (2) on receiving its peers' shares masks its fixed-point update and sends it as the round's
 update blob, (3) on the survivor list reveals what the orchestrator needs to remove the masks
 from the sum -- never enough to unmask a single site. The cryptography is
@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.config import AgentSettings
-from shared.pki import PkiError, load_ca_certificate, load_identity_key, site_identity_key
+from shared.pki import FederationTrust, PkiError, load_identity_key
 from shared.privacy.secagg import EncryptedShares, SecAggClient, SecAggError
 from shared.privacy.secagg_layout import RoundSites, UnknownSite, round_config
 from shared.protocol import (RoundCommand, SealedShares, SecAggAdvert, SecAggKeys, SecAggReveal, SecAggRoster,
@@ -36,11 +35,11 @@ class SecureUpdateError(ValueError):
 
 @dataclass(frozen=True)
 class SiteIdentity:
-    """The certificate and key this site signs its round keys with, and the CA its peers must chain to."""
+    """The certificate and key this site signs its round keys with, and the CA (and CRL) peers are checked against."""
 
     certificate_pem: str
     key: ec.EllipticCurvePrivateKey
-    ca_cert: x509.Certificate
+    trust: FederationTrust
 
     @classmethod
     def from_settings(cls, settings: AgentSettings) -> SiteIdentity:
@@ -53,8 +52,10 @@ class SiteIdentity:
                 "FEDMQ_TLS_CERT/FEDMQ_TLS_KEY/FEDMQ_TLS_CA (or FEDMQ_IDENTITY_CERT/_KEY/_CA) to the files "
                 "`fedmq pki issue-site` wrote")
         try:
-            identity = cls(Path(cert).read_text(), load_identity_key(key), load_ca_certificate(ca))
-            site_identity_key(identity.certificate_pem.encode(), identity.ca_cert, settings.site_id)
+            trust = FederationTrust.load(ca, settings.identity_crl)
+            identity = cls(Path(cert).read_text(), load_identity_key(key), trust)
+            # Our own certificate too: peers would refuse a revoked one, so better say so here.
+            identity.trust.site_key(identity.certificate_pem.encode(), settings.site_id)
         except (OSError, PkiError) as e:
             raise SecureUpdateError(f"cannot use this site's identity for secure aggregation: {e}") from None
         return identity
@@ -92,8 +93,8 @@ class SecureUpdate:
             if keys.site not in self.sites:
                 raise SecureUpdateError(f"the roster names {keys.site!r}, which was not selected for the round")
             try:
-                identities[self.sites.number(keys.site)] = site_identity_key(keys.certificate.encode(),
-                                                                         self.identity.ca_cert, keys.site)
+                identities[self.sites.number(keys.site)] = self.identity.trust.site_key(keys.certificate.encode(),
+                                                                                      keys.site)
             except PkiError as e:
                 raise SecureUpdateError(f"refusing the roster: {e}") from None
         ads = [self.sites.advertisement(k) for k in roster.keys]

@@ -75,8 +75,8 @@ def issue_site(
     console.print(f"issued {issued.name}: {issued.cert_path} and {issued.key_path}")
     if container_owners:
         _give_keys(pki, [issued.name])
-    console.print(f"hand the site ca.crt, {issued.cert_path.name} and {issued.key_path.name} over a secure "
-                  f"channel; nothing else in {directory}")
+    console.print(f"hand the site ca.crt, crl.pem, {issued.cert_path.name} and {issued.key_path.name} over a "
+                  f"secure channel; nothing else in {directory}")
 
 
 @app.command()
@@ -90,6 +90,8 @@ def revoke(
     console.print(f"revoked {site_id} (serial {cert.serial_number:x}); CRL written to {pki.crl_path}")
     console.print("copy crl.pem to the broker and send it SIGHUP (e.g. `docker kill -s HUP mosquitto`): "
                   "it only rereads the CRL then, and open connections stay open until they reconnect")
+    console.print("copy it beside ca.crt at the orchestrator and at every hospital too: secure aggregation "
+                  "checks each site's certificate against it there, at the next round, without a restart")
 
 
 @app.command("list")

@@ -40,7 +40,7 @@ from shared.codec import CodecError, decode_tensors, encode_model_delta, max_upd
 from shared.onnx_executor import OnnxModule, running_stat_names, running_variance_names
 from shared.onnx_model import float_initializers, load_model_bytes, model_to_bytes, pack_model, replace_initializers
 from shared.config import OrchestratorSettings
-from shared.pki import load_ca_certificate
+from shared.pki import FederationTrust
 from shared.privacy.secagg_layout import UpdateLayout
 from shared.protocol import (BlobManifest, EvalMetrics, ModelDelta, RoundCommand, SecAggAdvert, SecAggReveal,
                              SecAggShares, SecureAggregationRound, TaskSpec, TrainingConfig, UpdateReport)
@@ -138,13 +138,13 @@ class RoundEngine:
         # Client-level DP needs more of the engine than the generic Strategy interface offers: the
         # round's size for noise shares, the sites' clipping reports, the budget, the privacy record.
         self._private = strategy if isinstance(strategy, DPFedAvg) else None
-        self._ca = None
+        self._ca: FederationTrust | None = None  # the CA and CRL site identities are checked against
         if settings.secure_aggregation.enabled:
             if strategy.name not in SECURE_SUM_STRATEGIES:
                 raise ValueError(f"strategy {strategy.name!r} needs each site's update, but secure aggregation "
                                  f"reveals only their sum; use one of {sorted(SECURE_SUM_STRATEGIES)}")
             assert settings.identity_ca is not None  # OrchestratorSettings checks it
-            self._ca = load_ca_certificate(settings.identity_ca)
+            self._ca = FederationTrust.load(settings.identity_ca, settings.secure_aggregation.identity_crl)
 
     # start-up ---------------------------------------------------------------------------------
     def start(self, initial_model: Callable[[], bytes]) -> None:

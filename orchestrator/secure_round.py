@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-from cryptography import x509
-
-from shared.pki import PkiError, site_identity_key
+from shared.pki import FederationTrust, PkiError
 from shared.privacy import shamir
 from shared.privacy.secagg import (EncryptedShares, IdentityPublicKey, MaskedInput, SecAggError, SecAggServer,
                                    UnmaskingResponse, dequantize, verify_advertisement)
@@ -66,7 +64,7 @@ class SecureSum:
 
 
 class SecureRound:
-    def __init__(self, command: RoundCommand, layout: UpdateLayout, ca_cert: x509.Certificate,
+    def __init__(self, command: RoundCommand, layout: UpdateLayout, trust: FederationTrust,
                  clock: Callable[[], float]) -> None:
         settings = command.training.secure_aggregation
         assert settings is not None
@@ -75,7 +73,7 @@ class SecureRound:
         self.layout = layout
         self.sites = RoundSites(command.selected)
         self.config = round_config(command.round_id, settings, layout.vector_length)
-        self.ca_cert = ca_cert
+        self.trust = trust
         self.clock = clock
         self.phase: Phase = "advertise"
         self.deadline = command.deadline
@@ -98,7 +96,7 @@ class SecureRound:
         if site in self._adverts:
             raise SecureRoundError(f"{site} already advertised keys for this round")
         try:
-            identity = site_identity_key(msg.keys.certificate.encode(), self.ca_cert, site)
+            identity = self.trust.site_key(msg.keys.certificate.encode(), site)
             verify_advertisement(self.sites.advertisement(msg.keys), identity, self.config)
         except (PkiError, SecAggError, ValueError) as e:
             raise SecureRoundError(str(e)) from None

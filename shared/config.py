@@ -36,6 +36,8 @@ class CommonSettings(BaseSettings):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_crl: Path | None = Field(default=None, description="federation CRL: a revoked broker certificate is refused "
+                                 "(default crl.pem beside tls_ca, if present)")
     keepalive: int = Field(default=30, ge=5)
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024)
     max_blob_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
@@ -71,7 +73,8 @@ class SecureAggregationSettings(BaseModel):
 
     Every site needs its federation certificate and key (``fedmq pki issue-site``; the agent's
     TLS identity by default) and the orchestrator the federation CA certificate: each site signs
-    its round keys, and every party checks the signatures against certificates issued by the CA.
+    its round keys, and every party checks the signatures against certificates issued by the CA
+    and not revoked by its CRL (``identity_crl``, by default the ``crl.pem`` beside the CA).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,6 +90,8 @@ class SecureAggregationSettings(BaseModel):
                                  "(kept in each agent's state directory)")
     phase_timeout: float = Field(default=60.0, gt=0, description="seconds each protocol phase waits for sites")
     identity_ca: Path | None = Field(default=None, description="federation CA certificate (default tls_ca)")
+    identity_crl: Path | None = Field(default=None, description="federation CRL: keys vouched for by a revoked "
+                                      "certificate are refused (default crl.pem beside identity_ca, if present)")
 
 
 class OrchestratorSettings(CommonSettings):
@@ -162,6 +167,16 @@ class AgentSettings(CommonSettings):
     for is not the site's to know. To plan for R rounds of S steps at batch size B on N
     records, use ``noise_multiplier_for(max_epsilon, delta, B / N, R * S)`` from
     ``shared.privacy.accountant``.
+
+    The client-level floor is another: ``dp_max_clip_norm`` and ``dp_min_noise_share_std``
+    are the least client-level DP this site accepts for an update that leaves it. A train
+    round that clips at a larger norm (or not at all), or asks for a smaller distributed noise
+    share (central noise is added by the orchestrator, which the site cannot check, so it
+    counts as none), is refused: the agent reports the error for that round and sends nothing.
+    The noise floor needs the clip ceiling: the Gaussian mechanism's guarantee depends on
+    noise std / clip norm, so a noise floor alone would let the orchestrator raise the clip
+    norm until the noise no longer matters. Together they guarantee this site's own share a
+    noise multiplier of at least ``dp_min_noise_share_std / dp_max_clip_norm``.
     """
 
     site_id: str
@@ -183,6 +198,15 @@ class AgentSettings(CommonSettings):
     identity_key: Path | None = Field(default=None, description="its private key (default tls_key)")
     identity_ca: Path | None = Field(default=None, description="the federation CA that peers' certificates must "
                                      "chain to (default tls_ca)")
+    identity_crl: Path | None = Field(default=None, description="the federation CRL: peers (and this site) with a "
+                                      "revoked certificate are refused (default crl.pem beside identity_ca, if "
+                                      "present)")
+    dp_max_clip_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                           description="client-level DP floor: refuse train rounds that do not clip "
+                                           "the update to at most this L2 norm")
+    dp_min_noise_share_std: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                                 description="client-level DP floor: refuse train rounds whose "
+                                                 "distributed noise share std is smaller (needs dp_max_clip_norm)")
 
     @field_validator("site_id")
     @classmethod
@@ -195,6 +219,14 @@ class AgentSettings(CommonSettings):
         if (self.dp_sgd_noise_multiplier is None) != (self.dp_sgd_max_epsilon is None):
             raise ValueError("DP-SGD needs both dp_sgd_noise_multiplier and dp_sgd_max_epsilon "
                              "(FEDMQ_DP_SGD_NOISE_MULTIPLIER, FEDMQ_DP_SGD_MAX_EPSILON), or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _noise_floor_bounded(self) -> "AgentSettings":
+        """A noise floor without a clip ceiling means nothing: a larger clip norm drowns any fixed noise."""
+        if self.dp_min_noise_share_std is not None and self.dp_max_clip_norm is None:
+            raise ValueError("dp_min_noise_share_std needs dp_max_clip_norm (FEDMQ_DP_MAX_CLIP_NORM): the noise "
+                             "protects only relative to the clip norm, which the orchestrator could otherwise raise")
         return self
 
     @property

@@ -19,8 +19,12 @@ Directory layout (``init`` creates it; keys are written 0600, everything else 06
       sites/<id>.crt <id>.key   one client certificate per site, CN=<id>
 
 What goes where: the broker gets ca.crt, crl.pem, broker.crt/.key; the orchestrator host
-gets ca.crt and orchestrator.crt/.key; each hospital gets ca.crt and only its own
-sites/<id>.crt/.key.
+gets ca.crt, crl.pem and orchestrator.crt/.key; each hospital gets ca.crt, crl.pem and only
+its own sites/<id>.crt/.key. The broker refuses revoked certificates at connect time; the
+orchestrator and the hospitals check the same CRL whenever a site's certificate vouches for
+its secure-aggregation keys (``FederationTrust``), so a revoked site cannot take part in a
+round even through a broker that has not reread its CRL yet; and every fedmq client checks
+the broker's own certificate against it (``shared.transport.client_tls_context``).
 
 Keys are EC P-256 (small, fast, supported by every OpenSSL Mosquitto and paho link to).
 Reissuing an identity (``force``) revokes the certificate it replaces, so at most one
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -42,7 +47,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+log = logging.getLogger(__name__)
+
 CA_VALIDITY_DAYS = 3650
+CRL_FILE = "crl.pem"  # beside ca.crt, where `fedmq pki init` writes it
 CERT_VALIDITY_DAYS = 825
 ORCHESTRATOR = "orchestrator"
 OPERATOR = "operator"
@@ -155,7 +163,7 @@ class FederationPki:
 
     @property
     def crl_path(self) -> Path:
-        return self.root / "crl.pem"
+        return self.root / CRL_FILE
 
     @property
     def sites_dir(self) -> Path:
@@ -283,7 +291,8 @@ class FederationPki:
         """Revoke the current certificate of a site (or of the orchestrator/operator).
 
         The CRL file is rewritten in place; Mosquitto reads it at start-up and on SIGHUP, so
-        the broker must be signalled (``docker kill -s HUP mosquitto``) or restarted.
+        the broker must be signalled (``docker kill -s HUP mosquitto``) or restarted. Copies
+        beside ca.crt at the orchestrator and the hospitals count from their next check.
         """
         if name not in (ORCHESTRATOR, OPERATOR):
             validate_site_id(name)
@@ -448,36 +457,115 @@ def load_ca_certificate(path: Path) -> x509.Certificate:
                        f"ca.crt that `fedmq pki init` created") from None
 
 
-def site_identity_key(certificate_pem: bytes, ca_cert: x509.Certificate, site_id: str) -> ec.EllipticCurvePublicKey:
-    """The public key a site signs with, from a certificate that must be the federation's for that site.
+def crl_beside(ca_path: Path) -> Path | None:
+    """The crl.pem next to a ca.crt, where `fedmq pki` writes it and where it is handed out with it; None if absent."""
+    beside = Path(ca_path).parent / CRL_FILE
+    return beside if beside.is_file() else None
 
-    Secure aggregation's key advertisements travel through the orchestrator, which must not be
-    able to substitute its own keys: each one is signed by the site's identity key, and only a
-    certificate issued by the federation CA (valid now, for client use, CN and URI naming this
-    site of this federation) vouches for that key. Revocation is the broker's job (CRL).
+
+def load_verified_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
+    """The federation CRL at ``path``, refused unless the CA signed it and it has not expired.
+
+    Why so strict: a CRL anyone could write would let them un-revoke a certificate (or revoke
+    an honest site), and an expired one no longer says which certificates are revoked now.
     """
-    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+    try:
+        crl = x509.load_pem_x509_crl(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise PkiError(f"cannot read the federation CRL {path}: {e}; copy the {CRL_FILE} that `fedmq pki` keeps "
+                       f"beside ca.crt") from None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+        raise PkiError(f"the CRL {path} is not signed by the federation CA ({ca_cert.subject.rfc4514_string()}): "
+                       f"replace it with the {CRL_FILE} that `fedmq pki` wrote beside this federation's ca.crt")
+    next_update = crl.next_update_utc
+    if next_update is not None and next_update < _now():
+        raise PkiError(f"the CRL {path} expired on {next_update:%Y-%m-%d %H:%M} UTC: re-sign it on the CA machine "
+                       f"(every `fedmq pki revoke` or `fedmq pki issue-site --force` writes a fresh {CRL_FILE}) "
+                       f"and copy it here")
+    return crl
 
-    try:
-        cert = x509.load_pem_x509_certificate(certificate_pem)
-    except ValueError as e:
-        raise PkiError(f"site {site_id} sent a certificate that is not PEM X.509: {e}") from None
-    try:
-        PolicyBuilder().store(Store([ca_cert])).build_client_verifier().verify(cert, [])
-    except VerificationError as e:
-        raise PkiError(f"the certificate presented for site {site_id} does not chain to the federation CA "
-                       f"({e}); issue one with `fedmq pki issue-site {site_id}`") from None
-    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if names != [site_id]:
-        raise PkiError(f"the certificate presented for site {site_id} names {names}, not that site")
-    orgs = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    federation = str(orgs[0].value) if orgs else ""
-    if identity_uri(federation, site_id) not in FederationPki._sans(cert):
-        raise PkiError(f"the certificate presented for site {site_id} is not for federation {federation!r}")
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PkiError(f"the certificate of site {site_id} holds a {type(key).__name__}, not an EC key")
-    return key
+
+class FederationTrust:
+    """What a site's certificate is checked against: the federation CA and, when there is one, its CRL.
+
+    The CRL file is reread whenever it changes, so ``fedmq pki revoke`` plus a copy of
+    ``crl.pem`` takes effect at the next check without a restart. A CRL that became unreadable,
+    foreign or expired fails every check (closed, never open), with an error saying why.
+    """
+
+    def __init__(self, ca_cert: x509.Certificate, crl_path: Path | None = None) -> None:
+        self.ca_cert = ca_cert
+        self.crl_path = crl_path
+        self._crl: tuple[tuple[int, int], x509.CertificateRevocationList] | None = None
+
+    @classmethod
+    def load(cls, ca_path: Path, crl_path: Path | None = None) -> FederationTrust:
+        """The CA at ``ca_path`` and the CRL at ``crl_path`` (default: crl.pem beside the CA, if present).
+
+        A CRL named explicitly must exist; the default one is optional because hospitals and
+        orchestrators set up before the CRL check existed were handed ca.crt alone. Without a
+        CRL only the broker refuses revoked certificates, which a warning says.
+        """
+        ca_cert = load_ca_certificate(ca_path)
+        crl_path = crl_path or crl_beside(ca_path)
+        if crl_path is None:
+            log.warning("no %s beside %s: revoked site certificates are refused only by the broker; copy the "
+                        "federation's %s there (or name it in the identity_crl setting)", CRL_FILE, ca_path, CRL_FILE)
+            return cls(ca_cert)
+        trust = cls(ca_cert, Path(crl_path))
+        trust.revoked_on(0)  # a missing, foreign or expired CRL is reported at start-up, not at the first round
+        return trust
+
+    def revoked_on(self, serial: int) -> dt.datetime | None:
+        """When the CRL revoked the certificate with this serial; None if it did not (or there is no CRL)."""
+        if self.crl_path is None:
+            return None
+        try:
+            stat = self.crl_path.stat()
+        except OSError as e:
+            raise PkiError(f"cannot read the federation CRL {self.crl_path}: {e}; copy the {CRL_FILE} that "
+                           f"`fedmq pki` keeps beside ca.crt") from None
+        key = (stat.st_mtime_ns, stat.st_size)
+        if self._crl is None or self._crl[0] != key:
+            self._crl = (key, load_verified_crl(self.crl_path, self.ca_cert))
+        entry = self._crl[1].get_revoked_certificate_by_serial_number(serial)
+        return entry.revocation_date_utc if entry is not None else None
+
+    def site_key(self, certificate_pem: bytes, site_id: str) -> ec.EllipticCurvePublicKey:
+        """The public key a site signs with, from a certificate that must be the federation's for that site.
+
+        Secure aggregation's key advertisements travel through the orchestrator, which must not be
+        able to substitute its own keys: each one is signed by the site's identity key, and only a
+        certificate issued by the federation CA (valid now, not revoked, for client use, CN and URI
+        naming this site of this federation) vouches for that key.
+        """
+        from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+        try:
+            cert = x509.load_pem_x509_certificate(certificate_pem)
+        except ValueError as e:
+            raise PkiError(f"site {site_id} sent a certificate that is not PEM X.509: {e}") from None
+        try:
+            PolicyBuilder().store(Store([self.ca_cert])).build_client_verifier().verify(cert, [])
+        except VerificationError as e:
+            raise PkiError(f"the certificate presented for site {site_id} does not chain to the federation CA "
+                           f"({e}); issue one with `fedmq pki issue-site {site_id}`") from None
+        revoked = self.revoked_on(cert.serial_number)
+        if revoked is not None:
+            raise PkiError(f"the certificate presented for site {site_id} (serial {cert.serial_number:x}) was revoked "
+                           f"on {revoked:%Y-%m-%d %H:%M} UTC ({self.crl_path}): that site takes no part; if it should, "
+                           f"issue it a new certificate with `fedmq pki issue-site DIR {site_id} --force`")
+        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if names != [site_id]:
+            raise PkiError(f"the certificate presented for site {site_id} names {names}, not that site")
+        orgs = self.ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        federation = str(orgs[0].value) if orgs else ""
+        if identity_uri(federation, site_id) not in FederationPki._sans(cert):
+            raise PkiError(f"the certificate presented for site {site_id} is not for federation {federation!r}")
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise PkiError(f"the certificate of site {site_id} holds a {type(key).__name__}, not an EC key")
+        return key
 
 
 def load_identity_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shared.config import CommonSettings
+from shared.pki import PkiError, crl_beside, load_ca_certificate, load_verified_crl
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,31 @@ INBOX_FULL_LOG_INTERVAL = 10.0  # seconds between log lines about a full incomin
 
 class TransportError(RuntimeError):
     """The broker could not be reached or refused us; the message says what to check."""
+
+
+def client_tls_context(settings: CommonSettings) -> ssl.SSLContext:
+    """TLS as paho's ``tls_set`` sets it up (CA, client certificate, host name check), plus the federation CRL.
+
+    Why the CRL here too: ``fedmq pki init --force`` revokes a replaced broker certificate, and
+    whoever kept its key must not be able to pose as the broker. The CRL (``tls_crl``, or the
+    crl.pem beside ``tls_ca``) is checked to be the CA's and current before it is used, so a
+    wrong file gives a clear error instead of a failed handshake; it is read once, at start.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(settings.tls_ca) if settings.tls_ca
+                                         else None)
+    if settings.tls_cert is not None:
+        context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key) if settings.tls_key else None)
+    crl = settings.tls_crl or (crl_beside(settings.tls_ca) if settings.tls_ca else None)
+    if crl is not None:
+        if settings.tls_ca is None:
+            raise TransportError("tls_crl needs tls_ca: a CRL is checked against the CA that signed it")
+        try:
+            load_verified_crl(crl, load_ca_certificate(settings.tls_ca))
+        except PkiError as e:
+            raise TransportError(f"{e} (FEDMQ_TLS_CRL)") from None
+        context.load_verify_locations(cafile=str(crl))
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
 
 
 @dataclass(frozen=True)
@@ -114,10 +140,7 @@ class Transport:
         for name, path in (("tls_ca", s.tls_ca), ("tls_cert", s.tls_cert), ("tls_key", s.tls_key)):
             if path is not None and not path.is_file():
                 raise TransportError(f"{name} file {path} does not exist; check FEDMQ_{name.upper()}")
-        self._client.tls_set(ca_certs=str(s.tls_ca) if s.tls_ca else None,
-                             certfile=str(s.tls_cert) if s.tls_cert else None,
-                             keyfile=str(s.tls_key) if s.tls_key else None,
-                             cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self._client.tls_set_context(client_tls_context(s))
 
     # paho callbacks (network thread) -------------------------------------------------------
     @staticmethod

@@ -11,8 +11,10 @@ was going to arrive before it has.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -26,7 +28,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.broker import Broker
 from shared.broker_acl import acl_text, start_tls_mosquitto, write_container_example
+from shared.config import CommonSettings
 from shared.pki import FederationPki
+from shared.transport import Transport, TransportError, client_tls_context
 
 FED = "fedmq/v1/demo"
 TIMEOUT = 5.0
@@ -292,10 +296,45 @@ def test_a_revoked_certificate_is_refused_after_sighup(tmp_path: Path, peers: li
         assert fine.try_connect()
 
 
+def _handshake(broker: Broker, settings: CommonSettings) -> None:
+    """A TLS handshake with the broker as fedmq's transport makes it; raises what the transport would see."""
+    context = client_tls_context(settings)
+    with socket.create_connection((broker.host, broker.port), timeout=TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname=broker.host):
+            pass
+
+
+def test_clients_refuse_a_revoked_broker_certificate(tmp_path: Path) -> None:
+    """Whoever kept a replaced broker certificate and key cannot pose as the broker to fedmq clients."""
+    own = FederationPki.init(tmp_path / "pki", "demo")
+    own.issue_site("hospital-a")
+    shutil.copytree(own.root, tmp_path / "old-pki")  # the broker identity about to be replaced
+    FederationPki.init(own.root, "demo", ["mqtt.example.org"], force=True)  # reissue: the old one is revoked
+    site = CommonSettings(federation="demo", tls_ca=own.ca_cert_path, tls_cert=own.cert_path("hospital-a"),
+                          tls_key=own.key_path("hospital-a"))
+    with start_tls_mosquitto(tmp_path / "old-pki") as old_broker:
+        with pytest.raises(ssl.SSLCertVerificationError, match="revoked"):
+            _handshake(old_broker, site)  # crl.pem beside ca.crt is used by default
+        # Control: without the CRL the very same handshake goes through.
+        bare = tmp_path / "bare" / "ca.crt"
+        bare.parent.mkdir()
+        shutil.copy(own.ca_cert_path, bare)
+        _handshake(old_broker, site.model_copy(update={"tls_ca": bare}))
+    with start_tls_mosquitto(own.root) as broker:
+        # The current broker certificate passes the CRL check, through the real transport too.
+        with Transport(site.model_copy(update={"broker_url": broker.url}), f"crl-{uuid.uuid4().hex[:8]}",
+                       persistent_session=False) as transport:
+            assert transport.connected.is_set()
+    other = FederationPki.init(tmp_path / "other", "demo")
+    with pytest.raises(TransportError, match="not signed by the federation CA.*FEDMQ_TLS_CRL"):
+        client_tls_context(site.model_copy(update={"tls_crl": other.crl_path}))
+
+
 def test_container_example_is_the_generated_config(tmp_path: Path) -> None:
     shipped = Path(__file__).resolve().parents[1] / "containers" / "mosquitto"
     for path in write_container_example(tmp_path):
         assert (shipped / path.name).read_text() == path.read_text(), \
             f"containers/mosquitto/{path.name} is stale: run `python -m shared.broker_acl`"
     assert "require_certificate true" in (shipped / "mosquitto.conf").read_text()
+    assert "crlfile /mosquitto/certs/crl.pem" in (shipped / "mosquitto.conf").read_text(), "revoked sites must stay out"
     assert acl_text() == (shipped / "acl").read_text()

@@ -3,19 +3,23 @@ revocation lands in the CA-signed CRL, keys stay private, and mistakes get clear
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import logging
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 from typer.testing import CliRunner
 
 from fedmq.pki_cli import app
-from shared.pki import FederationPki, PkiError
+from shared.pki import FederationPki, FederationTrust, PkiError
 
 
 @pytest.fixture()
@@ -163,3 +167,66 @@ def test_cli_round_trip(tmp_path: Path) -> None:
 
     bad = runner.invoke(app, ["init", str(tmp_path / "x"), "--federation", "Bad Name"])
     assert bad.exit_code == 1 and "invalid federation name" in bad.output
+
+
+def test_identities_are_checked_against_the_crl_beside_the_ca_and_its_updates(pki: FederationPki) -> None:
+    pki.issue_site("hospital-a")
+    pki.issue_site("hospital-b")
+    trust = FederationTrust.load(pki.ca_cert_path)  # crl.pem beside ca.crt, by default
+    assert trust.crl_path == pki.crl_path
+    pem_a, pem_b = pki.cert_path("hospital-a").read_bytes(), pki.cert_path("hospital-b").read_bytes()
+    assert isinstance(trust.site_key(pem_a, "hospital-a"), ec.EllipticCurvePublicKey)
+    pki.revoke("hospital-a")  # read at the next check: no restart needed
+    with pytest.raises(PkiError, match="was revoked on .*issue-site DIR hospital-a --force"):
+        trust.site_key(pem_a, "hospital-a")
+    trust.site_key(pem_b, "hospital-b")
+    # Reissued: the new certificate is good, the old one stays revoked.
+    pki.issue_site("hospital-b", force=True)
+    with pytest.raises(PkiError, match="revoked"):
+        trust.site_key(pem_b, "hospital-b")
+    trust.site_key(pki.cert_path("hospital-b").read_bytes(), "hospital-b")
+
+
+def test_a_crl_that_is_not_the_cas_or_expired_is_refused(tmp_path: Path, pki: FederationPki) -> None:
+    pki.issue_site("hospital-a")
+    pem = pki.cert_path("hospital-a").read_bytes()
+    # Another CA with the very same name (federation "demo"): only the signature tells them apart.
+    other = FederationPki.init(tmp_path / "other", "demo")
+    with pytest.raises(PkiError, match="not signed by the federation CA"):
+        FederationTrust.load(pki.ca_cert_path, other.crl_path)
+    with pytest.raises(PkiError, match="cannot read the federation CRL .*missing.pem"):
+        FederationTrust.load(pki.ca_cert_path, tmp_path / "missing.pem")
+
+    ca_key = serialization.load_pem_private_key(pki.ca_key_path.read_bytes(), password=None)
+    now = dt.datetime.now(dt.UTC)
+    expired = (x509.CertificateRevocationListBuilder().issuer_name(pki.ca_cert.subject)
+               .last_update(now - dt.timedelta(days=10)).next_update(now - dt.timedelta(days=1))
+               .sign(ca_key, hashes.SHA256()))
+    stale = tmp_path / "stale.pem"
+    stale.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(PkiError, match="expired on .*copy it here"):
+        FederationTrust.load(pki.ca_cert_path, stale)
+
+    # A running check fails closed when its CRL is swapped for a foreign one or vanishes.
+    trust = FederationTrust.load(pki.ca_cert_path)
+    trust.site_key(pem, "hospital-a")
+    shutil.copy(other.crl_path, pki.crl_path)
+    with pytest.raises(PkiError, match="not signed by the federation CA"):
+        trust.site_key(pem, "hospital-a")
+    pki.crl_path.unlink()
+    with pytest.raises(PkiError, match="cannot read the federation CRL"):
+        trust.site_key(pem, "hospital-a")
+
+
+def test_without_a_crl_beside_the_ca_only_the_broker_refuses_revoked_certificates(
+        tmp_path: Path, pki: FederationPki, caplog: pytest.LogCaptureFixture) -> None:
+    pki.issue_site("hospital-a")
+    pki.revoke("hospital-a")
+    alone = tmp_path / "hospital" / "ca.crt"  # a hospital handed ca.crt without crl.pem
+    alone.parent.mkdir()
+    shutil.copy(pki.ca_cert_path, alone)
+    with caplog.at_level(logging.WARNING, logger="shared.pki"):
+        trust = FederationTrust.load(alone)
+    assert trust.crl_path is None
+    assert "refused only by the broker" in caplog.text
+    trust.site_key(pki.cert_path("hospital-a").read_bytes(), "hospital-a")  # the limitation the warning names

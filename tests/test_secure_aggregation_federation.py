@@ -8,6 +8,7 @@ meant to send, while the orchestrator itself stored only masked vectors.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -202,3 +203,33 @@ def test_a_site_without_an_identity_is_not_waited_for(mosquitto, tmp_path):
     assert time.monotonic() - started < 120, "the round waited for its 600 s deadline"
     registry = ModelRegistry.open(orch.state_dir)
     assert set(registry.get(1).contributors) == {"cleveland", "hungary", "switzerland"}
+
+
+@pytest.mark.parametrize("site_has_crl", [False, True], ids=["stale_site", "site_knows"])
+def test_a_revoked_site_takes_no_part(mosquitto, tmp_path, caplog, site_has_crl):
+    """va's certificate is revoked after issue. Without the new CRL, va advertises keys and the
+    orchestrator refuses them ("revoked"); with it, va refuses itself and says so for the round,
+    so the round does not wait for its deadline."""
+    federation = f"sa-revoked-{'known' if site_has_crl else 'stale'}"
+    orch, agents = _secure_heart(mosquitto.url, tmp_path, federation, 1, quorum=3,
+                                 round_timeout=600.0 if site_has_crl else 15.0)
+    FederationPki(tmp_path / "pki").revoke("va")
+    if not site_has_crl:
+        stale = tmp_path / "va-trust" / "ca.crt"  # va was handed ca.crt before the revocation, no crl.pem
+        stale.parent.mkdir()
+        shutil.copy(tmp_path / "pki" / "ca.crt", stale)
+        agents = [a.model_copy(update={"identity_ca": stale}) if a.site_id == "va" else a for a in agents]
+    with run_federation(orch, agents) as fed:
+        fed.wait_finished(timeout=120)
+        rejected = fed.orchestrator.rejected
+    registry = ModelRegistry.open(orch.state_dir)
+    assert [v.version for v in registry.list()] == [0, 1]
+    assert set(registry.get(1).contributors) == {"cleveland", "hungary", "switzerland"}
+    logged = [r.getMessage() for r in caplog.records]
+    refused_by_orchestrator = [m for m in logged if m.startswith("rejected a message from va") and "revoked" in m]
+    if site_has_crl:
+        assert any("cannot use this site's identity for secure aggregation" in m and "revoked" in m
+                   for m in logged), logged
+        assert not refused_by_orchestrator, "va must not advertise keys its own CRL says nobody accepts"
+    else:
+        assert rejected >= 1 and refused_by_orchestrator, logged

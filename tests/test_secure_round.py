@@ -26,7 +26,7 @@ from shared.blobs import make_manifest
 from shared.blobstore import BlobStore
 from shared.compression import ErrorFeedback
 from shared.config import AgentSettings, OrchestratorSettings, SecureAggregationSettings
-from shared.pki import FederationPki, load_ca_certificate, load_identity_key
+from shared.pki import FederationPki, FederationTrust, load_ca_certificate, load_identity_key
 from shared.privacy.secagg import quantize
 from shared.privacy.secagg_layout import UpdateLayout
 from shared.protocol import (RoundCommand, SecAggAdvert, SecAggKeys, SecAggRoster, SecAggShares,
@@ -45,7 +45,8 @@ def pki(tmp_path_factory) -> FederationPki:
 
 
 def _identity(pki: FederationPki, site: str) -> SiteIdentity:
-    return SiteIdentity(pki.cert_path(site).read_text(), load_identity_key(pki.key_path(site)), pki.ca_cert)
+    return SiteIdentity(pki.cert_path(site).read_text(), load_identity_key(pki.key_path(site)),
+                        FederationTrust(pki.ca_cert, pki.crl_path))
 
 
 def _command(**secure) -> RoundCommand:
@@ -66,8 +67,8 @@ def _session(pki: FederationPki, cmd: RoundCommand, site: str) -> SecureUpdate:
 
 
 def _round(pki: FederationPki, cmd: RoundCommand) -> SecureRound:
-    return SecureRound(cmd, UpdateLayout.for_round(SHAPES, [], cmd.training.secure_aggregation), pki.ca_cert,
-                       time.time)
+    return SecureRound(cmd, UpdateLayout.for_round(SHAPES, [], cmd.training.secure_aggregation),
+                       FederationTrust(pki.ca_cert, pki.crl_path), time.time)
 
 
 def test_the_orchestrator_refuses_keys_without_a_valid_federation_certificate(pki, tmp_path):
@@ -119,6 +120,32 @@ def test_the_agent_refuses_a_roster_with_substituted_keys(pki):
         _session(pki, cmd, "b").on_roster(genuine.model_copy(update={"keys": [*keys[:2], impostor]}))
     shares = sessions["a"].on_roster(genuine)
     assert sorted(s.peer for s in shares.shares) == ["b", "c"]
+
+
+def test_a_revoked_certificate_vouches_for_nothing_at_the_orchestrator_nor_at_peers(tmp_path):
+    own = FederationPki.init(tmp_path / "pki", "demo")
+    for site in SITES:
+        own.issue_site(site)
+    cmd = _command()
+    sessions = {s: _session(own, cmd, s) for s in SITES}
+    keys = [sessions[s].advert().keys for s in SITES]  # all advertised before c's revocation reached anyone
+    server = _round(own, cmd)
+    own.revoke("c")
+    with pytest.raises(SecureRoundError, match="site c .* was revoked on"):
+        server.on_advert("c", sessions["c"].advert())
+    server.on_advert("a", sessions["a"].advert())
+    assert server.waiting_for == ["b", "c"]
+    # An orchestrator that puts c's keys in the roster anyway: every peer refuses the roster.
+    roster = SecAggRoster(federation="demo", sender="orchestrator", round_id=cmd.round_id, keys=keys)
+    with pytest.raises(SecureUpdateError, match="refusing the roster: .*site c .* was revoked"):
+        sessions["a"].on_roster(roster)
+    # And c itself, told by its CRL, takes no part rather than advertise keys nobody accepts.
+    settings = AgentSettings(site_id="c", data_train=tmp_path / "t.csv", tls_ca=own.ca_cert_path,
+                             tls_cert=own.cert_path("c"), tls_key=own.key_path("c"))
+    with pytest.raises(SecureUpdateError, match="cannot use this site's identity .* revoked"):
+        SiteIdentity.from_settings(settings)
+    assert SiteIdentity.from_settings(settings.model_copy(update={"site_id": "a", "tls_cert": own.cert_path("a"),
+                                                                  "tls_key": own.key_path("a")}))
 
 
 def test_masked_updates_and_shares_are_checked_before_they_count(pki):
