@@ -65,7 +65,10 @@ if ! "$FEDMQ_PY" scripts/requirements_met.py "${extras[@]}"; then
   target=".venv"
   [ -n "$FEDMQ_VENV" ] || target="the environment of $FEDMQ_PY"
   echo "[setup] installing fedmq${spec#.} and its dependencies into $target (minutes on a first run)"
-  "$FEDMQ_PY" -m pip install -q --disable-pip-version-check -e "$spec"
+  # Without the line per package that this machine's pip configuration may print for an extra
+  # index directory lacking that package (pip then uses the other indexes).
+  "$FEDMQ_PY" -m pip install -q --disable-pip-version-check -e "$spec" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 fi
 
 if $want_containers; then
