@@ -67,8 +67,12 @@ if ! "$FEDMQ_PY" scripts/requirements_met.py "${extras[@]}"; then
   echo "[setup] installing fedmq${spec#.} and its dependencies into $target (minutes on a first run)"
   # Without the line per package that this machine's pip configuration may print for an extra
   # index directory lacking that package (pip then uses the other indexes).
-  "$FEDMQ_PY" -m pip install -q --disable-pip-version-check -e "$spec" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  if ! "$FEDMQ_PY" -m pip install -q --disable-pip-version-check -e "$spec" \
+      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); then
+    echo "[setup] pip could not install into $target: see its message above." >&2
+    [ -n "$FEDMQ_VENV" ] || echo "        Unset PYTHON to use the project's own .venv instead." >&2
+    exit 1
+  fi
 fi
 
 if $want_containers; then
