@@ -27,7 +27,8 @@ cat > "$OUT/INSTALL.md" <<'GUIDE'
 # Installing the fedmq edge agent without internet access
 
 1. Check the archives: `sha256sum -c SHA256SUMS` (every line must say OK).
-2. Load the images: `docker load -i images/fedmq-images.tar` (Podman: `podman load -i ...`).
+2. Load the images: `docker load -i images/fedmq-images.tar` (Podman: `podman load -i ...`;
+   on Debian/Ubuntu Podman needs `podman runc netavark aardvark-dns iptables` installed).
 3. Put this site's certificate files (from the federation operator: `ca.crt`, `<site>.crt`,
    `<site>.key`) in a directory readable by uid 10001, and the hospital's CSV files in another.
 4. Install and start the agent (restart policy, health check, read-only data, state volume):

@@ -20,7 +20,7 @@ use_engine() {
     elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
         ENGINE=docker
     else
-        die "no container engine: install podman (apt-get install -y podman runc) or start a Docker daemon"
+        die "no container engine: install podman and what it needs (bash scripts/setup.sh --containers, or see containers/README.md) or start a Docker daemon"
     fi
     if [[ "$ENGINE" == podman ]]; then
         # Our settings (runc, no ulimits, cgroupfs) instead of editing /etc/containers.

@@ -274,10 +274,9 @@ def _healthy_within(container: Container, started: float, seconds: float, progre
     progress(f"waiting up to {seconds:.0f}s for {container.name} to connect and report healthy")
     while time.monotonic() < deadline:
         container.reload()
-        restarts = int(container.attrs.get("RestartCount") or 0)
-        if container.status != "running" or restarts:
-            return False, (f"the agent exited (exit code {container.attrs['State']['ExitCode']}, "
-                           f"{restarts} restarts so far)")
+        exited = _exited(container)
+        if exited is not None:
+            return False, exited
         ok, output = run_health_check(container, max_age=time.monotonic() - started)
         if ok:
             return True, output
@@ -285,12 +284,34 @@ def _healthy_within(container: Container, started: float, seconds: float, progre
     return False, output
 
 
+def _exited(container: Container) -> str | None:
+    """How the agent ended if its container stopped or restarted since it started; None while it runs."""
+    restarts = int(container.attrs.get("RestartCount") or 0)
+    if container.status == "running" and not restarts:
+        return None
+    return f"the agent exited (exit code {container.attrs['State']['ExitCode']}, {restarts} restarts so far)"
+
+
 def run_health_check(container: Container, max_age: float | None = None) -> tuple[bool, str]:
     """The image's health check, run now (engines without systemd never schedule it).
 
     ``max_age``: seconds after which a heartbeat counts as stale (the command's default is 60).
+    A container that exits as the check starts takes its exec session with it: the engine
+    answers 404 ("no such exec session") or 409 (not running). That is "not healthy", said with
+    the container's state, rather than an error that would replace what the caller reports (a
+    deployment's rollback, a status).
     """
-    result = container.exec_run([*HEALTH_COMMAND, *(["--max-age", f"{max_age:.1f}"] if max_age is not None else [])])
+    from docker.errors import APIError, NotFound
+
+    try:
+        result = container.exec_run([*HEALTH_COMMAND, *(["--max-age", f"{max_age:.1f}"] if max_age is not None else [])])
+    except APIError as e:
+        try:
+            container.reload()
+        except NotFound:
+            return False, f"the container is gone (its health check could not run: {e.explanation or e})"
+        state = _exited(container) or f"the container is {container.status}"
+        return False, f"{state}; its health check could not run: {e.explanation or e}"
     return result.exit_code == 0, result.output.decode(errors="replace").strip()
 
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One command for the demo: install what is missing, then run the four-hospital federation.
+# One command for the demo: install what is missing (Mosquitto, .venv), then run the
+# four-hospital federation with the arguments given (e.g. `bash scripts/demo.sh --rounds 2`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m fedmq demo "$@"
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
+exec "$FEDMQ_PY" -m fedmq demo "$@"

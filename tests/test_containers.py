@@ -10,8 +10,9 @@ and catches up to the federation's current model. We watch it all as the ``opera
 identity over TLS through the broker's port published on 127.0.0.1, like a person would.
 
 Cold (no base image, wheelhouse or images yet) the builds take about 10 minutes on 2 cores;
-warm the scripts reuse what is current and the test takes about 3 minutes. Podman is
-installed when missing and we are root with apt-get (CI); otherwise the test is skipped.
+warm the scripts reuse what is current and the test takes about 3 minutes. The host packages
+of containers/host-packages (Podman, and iptables for its network backend among them) are
+installed when any is missing and we are root with apt-get (CI); otherwise the test is skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -51,7 +51,9 @@ FEDERATION = COMPOSE["x-client-env"]["FEDMQ_FEDERATION"]
 HOSPITALS = ("cleveland", "hungary", "switzerland", "va")
 # Seconds per build script: a cold base image, a cold wheelhouse, cold images on 2 cores.
 BUILD_STEPS = (("build-base.sh", 900), ("wheelhouse.sh", 1200), ("build-images.sh", 1800))
-PODMAN_PACKAGES = ("podman", "runc", "debootstrap", "netavark", "aardvark-dns")
+# What the host needs (one package a line), the list that scripts/setup.sh --containers installs too.
+PODMAN_PACKAGES = tuple(name for line in (CONTAINERS / "host-packages").read_text().splitlines()
+                        if (name := line.partition("#")[0].strip()))
 
 
 def _progress(request: pytest.FixtureRequest, message: str) -> None:
@@ -85,24 +87,27 @@ class Podman:
         return proc.stdout
 
 
-def _install_podman(request: pytest.FixtureRequest) -> None:
-    """Install podman where we may (root with apt-get, as in CI); skip where we may not."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("podman is not installed and cannot be installed here (needs root and apt-get): "
-                    f"install {' '.join(PODMAN_PACKAGES[:3])} to run the container tests")
-    _progress(request, f"installing {' '.join(PODMAN_PACKAGES)} with apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    steps = ((["apt-get", "update", "-qq"], 300), (["apt-get", "install", "-y", "-qq", *PODMAN_PACKAGES], 900))
-    for cmd, timeout in steps:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        if proc.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+def _install_host_packages(request: pytest.FixtureRequest) -> None:
+    """Install each missing host package where we may (root with apt-get, as in CI); skip where we may not.
+
+    Package by package rather than "is podman there": a machine with podman but without
+    iptables fails every `podman build` ("netavark: No such file or directory").
+    """
+    _progress(request, f"checking the host packages ({' '.join(PODMAN_PACKAGES)}); installing what is missing")
+    proc = subprocess.run(["bash", str(PROJECT / "scripts" / "apt-install.sh"), *PODMAN_PACKAGES],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    for line in proc.stdout.splitlines():
+        _progress(request, line)
+    if proc.returncode == 3:
+        pytest.skip(f"the container tests need system packages: {proc.stderr.strip()}")
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/apt-install.sh {' '.join(PODMAN_PACKAGES)} failed (exit {proc.returncode}): "
+                    f"{proc.stderr.strip()[-2000:]}")
 
 
 @pytest.fixture(scope="session", name="podman")
 def podman_fixture(request: pytest.FixtureRequest) -> Podman:
-    if shutil.which("podman") is None:
-        _install_podman(request)
+    _install_host_packages(request)
     if os.geteuid() != 0:
         pytest.skip("the container tests need root: rootful podman, and keys handed to the container users")
     return Podman()

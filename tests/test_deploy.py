@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from edge_agent.deploy import AgentDeployment, DeployError, connect, deploy, status
+from docker.errors import NotFound
+
+from edge_agent.deploy import AgentDeployment, DeployError, _healthy_within, connect, deploy, run_health_check, status
 from fedmq.cli import app
 from shared.pki import FEDMQ_CONTAINER_UID, FederationPki
 from tests.test_containers import FEDERATION, PROJECT, Deployment, Podman
@@ -151,6 +153,44 @@ def test_deploy_status_upgrade_rollback_remove(engine: str, site: tuple[Deployme
     assert purged.exit_code == 0 and f"volume fedmq-agent-{spec.site_id}-state" in purged.output
     with pytest.raises(AssertionError):
         podman("volume", "inspect", f"fedmq-agent-{spec.site_id}-state")
+
+
+class _ExitingContainer:
+    """An agent container that exits just as its health check starts, so that the engine has
+    already dropped the exec session (Podman: 404 "no such exec session"). A stand-in for the
+    SDK's container (nothing here crosses MQTT): against the real engine this race is what
+    made the rollback test fail now and then, and it cannot be timed deterministically."""
+
+    name = "fedmq-agent-site-a"
+
+    def __init__(self, *, removed: bool = False) -> None:
+        self.status = "running"
+        self.attrs: dict[str, Any] = {"State": {"ExitCode": 0}, "RestartCount": 0}
+        self.removed = removed
+        self.exited = False
+
+    def reload(self) -> None:
+        if self.exited and self.removed:
+            raise NotFound("no such container")
+
+    def exec_run(self, cmd: list[str]) -> None:
+        assert cmd[:3] == ["fedmq", "agent", "health"]
+        self.exited = True
+        self.status, self.attrs = "exited", {"State": {"ExitCode": 1}, "RestartCount": 0}
+        raise NotFound("404 Client Error: Not Found", explanation="no such exec session")
+
+
+def test_a_container_exiting_as_its_health_check_starts_is_unhealthy_not_an_error() -> None:
+    assert run_health_check(_ExitingContainer()) == (
+        False, "the agent exited (exit code 1, 0 restarts so far); its health check could not run: "
+               "no such exec session")
+    assert run_health_check(_ExitingContainer(removed=True)) == (
+        False, "the container is gone (its health check could not run: no such exec session)")
+    # The deployment's wait: what it reports is the exit, which the rollback message then carries.
+    said: list[str] = []
+    assert _healthy_within(_ExitingContainer(), time.monotonic(), 30, said.append) == (
+        False, "the agent exited (exit code 1, 0 restarts so far)")
+    assert said == ["waiting up to 30s for fedmq-agent-site-a to connect and report healthy"]
 
 
 def test_an_unreachable_engine_says_how_to_start_one(tmp_path: Path) -> None:
