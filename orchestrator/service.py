@@ -60,6 +60,7 @@ class OrchestratorService:
         self.uploads: dict[str, _PendingUpload] = {}
         self.engine = RoundEngine(settings, self.registry, self.journal, self.strategy, self)
         self._traffic_mark = (0, 0)
+        self._last_summary: bytes | None = None  # retained; published again after a reconnection
         self.rejected = 0
 
     # lifetime -------------------------------------------------------------------------------
@@ -76,21 +77,32 @@ class OrchestratorService:
                           hidden=tuple(s.hidden))
 
     def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set or (with ``exit_when_done``) the federation finished."""
+        """Serve until ``stop`` is set or (with ``exit_when_done``) the federation finished.
+
+        An unreachable broker is waited for (the transport logs each attempt); only a refusal
+        retrying cannot fix (credentials, certificates) raises ``TransportError``.
+        """
         t = self.transport
-        t.start()
         for topic in (f"{self.topics.base}/site/+/status", f"{self.topics.base}/site/+/update",
                       f"{self.topics.base}/site/+/request", f"{self.topics.base}/site/+/blob/+/+",
                       f"{self.topics.base}/site/+/secagg"):
             t.subscribe(topic)
-        self.status("starting")
-        # Reopen the round first: updates queued for us while we were down must find it open.
-        self.engine.start(self._initial_model)
-        time.sleep(0.5)  # let retained site statuses arrive before the first selection
+        t.start_retrying()
         try:
+            # Selection needs the sites' retained statuses, so nothing starts before the broker answers.
+            if not t.wait_connected(stop):
+                return
+            self.status("starting")
+            # Reopen the round first: updates queued for us while we were down must find it open.
+            self.engine.start(self._initial_model)
+            time.sleep(0.5)  # let retained site statuses arrive before the first selection
             while not stop.is_set():
+                t.raise_if_refused()
+                if t.take_reconnect():
+                    self._after_reconnect()
                 self._drain(0.2)
-                self._request_stalled()
+                if t.connected.is_set():  # requests made while cut off would all arrive at once
+                    self._request_stalled()
                 self.engine.tick(self.online())
                 if self.engine.state == "finished" and self.settings.exit_when_done:
                     break
@@ -98,6 +110,27 @@ class OrchestratorService:
             if t.connected.is_set() and self.engine.state != "finished":
                 self.status("offline", "stopped")  # a clean disconnect does not fire the last will
             t.stop()
+
+    def _after_reconnect(self) -> None:
+        """Put back on the broker what a restart without persistence lost, and ask sites for what is missing.
+
+        Retained messages (our status, the latest model, the last round summary, the open
+        round's command) are published again. The open round's command also reaches the
+        selected sites again: one holding an unacknowledged update resends it at once (an
+        update already stored is only acknowledged again, never counted twice), one still
+        downloading asks for its missing chunks. Without this the round would wait for its deadline.
+        """
+        latest = self.registry.latest()
+        if latest is not None:
+            self.model_published(latest)
+        if self._last_summary is not None:
+            self.transport.publish(self.topics.round_summary, self._last_summary, retain=True)
+        cur = self.engine.current
+        if cur is not None:
+            log.info("re-announcing round %d attempt %d after the reconnection (reported so far: %s)",
+                     cur.record.round, cur.record.attempt, sorted(cur.reported) or "none")
+            self.transport.publish(self.topics.round, cur.command.to_bytes(), retain=True)
+        self.status(self.engine.state, "reconnected to the broker")
 
     def _drain(self, timeout: float) -> None:
         msg = self.transport.get(timeout)
@@ -262,7 +295,8 @@ class OrchestratorService:
                            pooled=pool_metrics(site_metrics), personalized_metrics=personalized,
                            personalized_pooled=pool_metrics(personalized), bytes_down=sent - self._traffic_mark[0],
                            bytes_up=received - self._traffic_mark[1], seconds=seconds, privacy=privacy)
-        self.transport.publish(self.topics.round_summary, msg.to_bytes(), retain=True)
+        self._last_summary = msg.to_bytes()
+        self.transport.publish(self.topics.round_summary, self._last_summary, retain=True)
 
     def status(self, state: str, detail: str = "") -> None:
         cur = self.engine.current if hasattr(self, "engine") else None

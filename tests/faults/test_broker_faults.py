@@ -1,0 +1,211 @@
+"""Broker faults against a real federation: down at start, killed mid-round (with and without
+persistence), down longer than a round's deadline.
+
+Each case runs the Heart Disease federation (logistic regression, a few short rounds) over a
+Mosquitto this test owns on a port it chose, so the broker can be killed (SIGKILL) and started
+again on the same port. Each asserts the federation finishes, the lineage is contiguous, every
+version's contributors are exactly the updates stored for its round, and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmq.demo import DemoOptions, heart_settings, settings_env
+from fedmq.inprocess import Federation, run_federation
+from orchestrator.journal import RoundJournal
+from orchestrator.registry import ModelRegistry
+from shared.broker import Broker, free_port, start_mosquitto
+from shared.config import AgentSettings, OrchestratorSettings
+
+SITES = ("cleveland", "hungary", "switzerland", "va")
+# Reconnect quickly: the tests measure what the daemons do once the broker is back, not the backoff.
+FAST_RECONNECT = {"reconnect_min_delay": 0.2, "reconnect_max_delay": 1.0, "keepalive": 5}
+# The unfavourable order after a restart: the sites are back (and send what they queued) before
+# the orchestrator has subscribed again, so a broker without persistence drops their reports.
+SITES_FIRST = ({"reconnect_min_delay": 1.5, "reconnect_max_delay": 1.5},
+               {"reconnect_min_delay": 0.2, "reconnect_max_delay": 0.2})
+
+
+def _settings(url: str, root: Path, *, rounds: int, round_timeout: float, local_steps: int = 100,
+              sites: tuple[str, ...] = SITES, reconnect: tuple[dict, dict] = (FAST_RECONNECT, FAST_RECONNECT),
+              ack_timeout: float = 20.0) -> tuple[OrchestratorSettings, list[AgentSettings]]:
+    orch, agents = heart_settings(url, root, DemoOptions(rounds=rounds, local_steps=local_steps,
+                                                         round_timeout=round_timeout), sites=sites)
+    return (orch.model_copy(update={**FAST_RECONNECT, **reconnect[0], "final_evaluation": False}),
+            [a.model_copy(update={**FAST_RECONNECT, **reconnect[1], "ack_timeout": ack_timeout}) for a in agents])
+
+
+def _check_lineage(state_dir: Path, rounds: int) -> list[tuple[str, int, str, list[str]]]:
+    """Versions 0..rounds in one chain, each made of exactly the updates stored for its round.
+
+    Returns every train round attempt as (round_id, attempt, state, sites that reported).
+    """
+    registry = ModelRegistry.open(state_dir)
+    journal = RoundJournal(registry.conn)
+    versions = registry.list()
+    assert [v.version for v in versions] == list(range(rounds + 1)), "a version is missing or duplicated"
+    done = {r.round: r for r in journal.done("train")}
+    for v in versions[1:]:
+        assert v.parent == v.version - 1 and v.round == v.version, f"v{v.version} breaks the lineage"
+        stored = journal.updates(done[v.round].round_id)
+        assert v.contributors == {u.site: u.num_samples for u in stored}, \
+            f"v{v.version}'s contributors are not the updates accepted for round {v.round}"
+    rows = registry.conn.execute("SELECT round_id, attempt, state FROM rounds WHERE kind='train' "
+                                 "ORDER BY announced_at").fetchall()
+    # The updates table keys on (round_id, site): a resend can never be stored, nor counted, twice.
+    return [(rid, attempt, state, [u.site for u in journal.updates(rid)]) for rid, attempt, state in rows]
+
+
+def _open_round(db: Path) -> tuple[int, int]:
+    """(round number of the open attempt, updates stored for it), read like an operator would."""
+    if not db.exists():
+        return 0, 0
+    try:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT round_id, round FROM rounds WHERE state='open'").fetchone()
+            if row is None:
+                return 0, 0
+            return row[1], conn.execute("SELECT COUNT(*) FROM updates WHERE round_id=?", (row[0],)).fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0, 0
+
+
+def _wait_training(fed: Federation, db: Path, round_no: int, timeout: float) -> None:
+    """Until every site trains for ``round_no``: their reports will be sent while the broker is down."""
+    deadline = time.monotonic() + timeout
+    while _open_round(db)[0] != round_no or any(a.current_state != "training" for a in fed.agents.values()):
+        assert time.monotonic() < deadline, f"the sites never trained together in round {round_no}"
+        time.sleep(0.01)
+
+
+def _last_report_at(db: Path, round_id: str) -> float:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT MAX(received_at) FROM updates WHERE round_id=?", (round_id,)).fetchone()[0]
+
+
+def test_daemons_started_before_the_broker_wait_for_it(tmp_path: Path) -> None:
+    """`fedmq orchestrator run` and `fedmq agent run` keep trying (and say so) until the broker is up."""
+    port = free_port()
+    sites = ("cleveland", "va")
+    orch, agents = _settings(f"mqtt://127.0.0.1:{port}", tmp_path, rounds=2, round_timeout=60.0, sites=sites)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_")}
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    for name, settings, command in [("orchestrator", orch, "orchestrator"),
+                                    *[(a.site_id, a, "agent") for a in agents]]:
+        log_path = tmp_path / f"{name}.log"
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "fedmq", command, "run"],
+                                        env={**env, **settings_env(settings)}, stdout=open(log_path, "wb"),
+                                        stderr=subprocess.STDOUT), log_path)
+    broker: Broker | None = None
+    try:
+        deadline = time.monotonic() + 60
+        # Every daemon must be seen waiting (more than one attempt) before the broker starts.
+        while not all(p[1].read_text().count("not reachable") >= 2 for p in procs.values()):
+            for name, (proc, log_path) in procs.items():
+                assert proc.poll() is None, f"{name} exited without a broker:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the daemons did not log their waiting"
+            time.sleep(0.2)
+        for _, log_path in procs.values():
+            text = log_path.read_text()
+            assert f"broker at mqtt://127.0.0.1:{port} not reachable" in text and "retrying in" in text, text
+        broker = start_mosquitto(port=port)
+        orchestrator, orch_log = procs["orchestrator"]
+        assert orchestrator.wait(timeout=90) == 0, orch_log.read_text()[-3000:]
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if broker is not None:
+            broker.stop()
+    attempts = _check_lineage(tmp_path / "orchestrator", 2)
+    assert [(a, state, reported) for _, a, state, reported in attempts] == [(1, "done", list(sites))] * 2
+
+
+def _kill_mid_round(tmp_path: Path, caplog: pytest.LogCaptureFixture, *, persistence: bool) -> dict[str, float]:
+    """Kill the broker as round 2 opens, start it again 3 s later; the round must finish without its deadline."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    store = tmp_path / "mosquitto-db" if persistence else None
+    if store is not None:
+        store.mkdir()
+    # Far beyond the test's own timeout: a round that needs its deadline, or a site that needs its
+    # periodic resend, to recover from the restart fails the test.
+    round_timeout = 300.0
+    orch, agents = _settings(f"mqtt://127.0.0.1:{port}", tmp_path, rounds=3, round_timeout=round_timeout,
+                             local_steps=300, reconnect=SITES_FIRST, ack_timeout=round_timeout)
+    db = tmp_path / "orchestrator" / "orchestrator.sqlite"
+    broker = start_mosquitto(port=port, persistence_dir=store)
+    try:
+        with run_federation(orch, agents) as fed:
+            _wait_training(fed, db, 2, timeout=60)
+            broker.kill()
+            killed = time.time()
+            assert _open_round(db)[0] == 2 and _open_round(db)[1] < len(SITES), "round 2 closed before the kill"
+            time.sleep(3.0)
+            broker = start_mosquitto(port=port, persistence_dir=store)
+            restarted = time.time()
+            fed.wait_finished(timeout=90)
+    finally:
+        broker.stop()
+    attempts = _check_lineage(tmp_path / "orchestrator", 3)
+    # Every round closed at its first attempt with every selected site's report.
+    assert [(a, state, reported) for _, a, state, reported in attempts] == [(1, "done", list(SITES))] * 3
+    round2 = attempts[1][0]
+    assert "reconnected to 127.0.0.1" in caplog.text
+    return {"down_s": restarted - killed, "closed_after_restart_s": _last_report_at(db, round2) - restarted,
+            "deadline_s": round_timeout}
+
+
+def test_broker_killed_mid_round_without_persistence(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker forgets sessions, subscriptions and retained messages; the round in flight still completes."""
+    figures = _kill_mid_round(tmp_path, caplog, persistence=False)
+    assert "the broker had no session for us" in caplog.text
+    assert "re-announcing round 2 attempt 1" in caplog.text
+    print(f"\nbroker killed mid-round, no persistence: {figures}")
+
+
+def test_broker_killed_mid_round_with_persistence(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker comes back with the sessions it saved; the round in flight completes all the same."""
+    figures = _kill_mid_round(tmp_path, caplog, persistence=True)
+    assert "the broker kept our session" in caplog.text
+    print(f"\nbroker killed mid-round, persistence: {figures}")
+
+
+def test_broker_down_longer_than_a_deadline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The round in flight misses its deadline and is retried; the federation then finishes."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    round_timeout = 8.0
+    orch, agents = _settings(f"mqtt://127.0.0.1:{port}", tmp_path, rounds=3, round_timeout=round_timeout,
+                             local_steps=300)
+    db = tmp_path / "orchestrator" / "orchestrator.sqlite"
+    broker = start_mosquitto(port=port)
+    try:
+        with run_federation(orch, agents) as fed:
+            _wait_training(fed, db, 2, timeout=60)
+            broker.kill()
+            time.sleep(round_timeout + 2.0)
+            broker = start_mosquitto(port=port)
+            fed.wait_finished(timeout=90)
+    finally:
+        broker.stop()
+    attempts = _check_lineage(tmp_path / "orchestrator", 3)
+    by_round = {rid: (a, state) for rid, a, state, _ in attempts}
+    assert by_round[f"{orch.federation}-r2-a1"] == (1, "failed"), attempts
+    assert "missed its quorum" in caplog.text
+    # The retried round and every other one closed with all the sites.
+    assert [(state, reported) for _, _, state, reported in attempts if state == "done"] == [("done", list(SITES))] * 3
