@@ -57,8 +57,11 @@ def mosquitto_config(port: int, *, host: str = "127.0.0.1", message_size_limit: 
     With ``persistence_dir`` the broker keeps sessions, queued and retained messages there
     across restarts, saved every second so that even a killed broker loses little.
     """
-    persistence = (["persistence true", f"persistence_location {persistence_dir}/", "autosave_interval 1"]
-                   if persistence_dir is not None else ["persistence false"])
+    persistence = ["persistence false"]
+    if persistence_dir is not None:
+        persistence = ["persistence true", f"persistence_location {persistence_dir}/", "autosave_interval 1"]
+        if os.geteuid() == 0:  # as root Mosquitto runs as `mosquitto`, who cannot write the caller's directory
+            persistence.append("user root")
     return "\n".join([
         "per_listener_settings false",
         *persistence,

@@ -88,9 +88,13 @@ def unfixable_connect_error(error: OSError) -> str | None:
         return (f"the broker's certificate is not trusted ({error.verify_message}): check that FEDMQ_TLS_CA is "
                 "the federation CA and that the host in FEDMQ_BROKER_URL is named in the broker's certificate")
     if isinstance(error, ssl.SSLError) and "ALERT" in (error.reason or ""):
-        return (f"the broker refused the TLS handshake ({error.reason}): check that FEDMQ_TLS_CERT and "
-                "FEDMQ_TLS_KEY are this client's certificate and key, issued by the federation CA and not revoked")
+        return _tls_refused(str(error.reason))
     return None
+
+
+def _tls_refused(alert: str) -> str:
+    return (f"the broker refused our TLS certificate ({alert}): check that FEDMQ_TLS_CERT and FEDMQ_TLS_KEY are "
+            "this client's certificate and key, issued by the federation CA and not revoked")
 
 
 class Backoff:
@@ -172,6 +176,7 @@ class Transport:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_log = self._on_log
         self._client.on_message = self._on_message
 
     def _configure_tls(self) -> None:
@@ -239,6 +244,16 @@ class Transport:
             self._schedule_retry(delay)
             log.warning("%s lost the broker at %s (%s); reconnecting in %.1f s", self.client_id,
                         self.settings.broker_url, reason, delay)
+
+    def _on_log(self, client: mqtt.Client, userdata: object, level: int, message: str) -> None:
+        """Catch a TLS alert read before the broker accepted us: paho reports only "connection lost".
+
+        With TLS 1.3 the broker checks our certificate after the handshake, so its refusal
+        (unknown CA, revoked, expired) arrives as an alert on the first read.
+        """
+        if level == mqtt.MQTT_LOG_ERR and "ALERT" in message and not self.connected.is_set():
+            self._refused = f"cannot connect to the broker at {self.settings.broker_url}: {_tls_refused(message)}"
+            log.error("%s", self._refused)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         error = self._client.last_error
