@@ -58,9 +58,9 @@ class OrchestratorService:
         self.outbox = BlobOutbox()
         self.presence: dict[str, SiteStatus] = {}
         self.uploads: dict[str, _PendingUpload] = {}
+        self._retained: dict[str, bytes] = {}  # topic -> our last retained message, for a broker that lost it
         self.engine = RoundEngine(settings, self.registry, self.journal, self.strategy, self)
         self._traffic_mark = (0, 0)
-        self._last_summary: bytes | None = None  # retained; published again after a reconnection
         self.rejected = 0
 
     # lifetime -------------------------------------------------------------------------------
@@ -114,23 +114,20 @@ class OrchestratorService:
     def _after_reconnect(self) -> None:
         """Put back on the broker what a restart without persistence lost, and ask sites for what is missing.
 
-        Retained messages (our status, the latest model, the last round summary, the open
-        round's command) are published again. The open round's command also reaches the
-        selected sites again: one holding an unacknowledged update resends it at once (an
-        update already stored is only acknowledged again, never counted twice), one still
-        downloading asks for its missing chunks. Without this the round would wait for its deadline.
+        Our retained messages (status, latest model, last round summary) and the open round's
+        command are published again. The command reaches the selected sites again: one holding
+        an unacknowledged update resends it at once (an update already stored is only
+        acknowledged again, never counted twice), which also completes an upload cut off
+        midway; ``_request_stalled`` asks for whatever chunks are still missing after that.
+        Without this a report lost with the broker would keep the round open until its deadline.
         """
-        latest = self.registry.latest()
-        if latest is not None:
-            self.model_published(latest)
-        if self._last_summary is not None:
-            self.transport.publish(self.topics.round_summary, self._last_summary, retain=True)
+        for topic, payload in self._retained.items():
+            self.transport.publish(topic, payload, retain=True)
         cur = self.engine.current
         if cur is not None:
             log.info("re-announcing round %d attempt %d after the reconnection (reported so far: %s)",
                      cur.record.round, cur.record.attempt, sorted(cur.reported) or "none")
             self.transport.publish(self.topics.round, cur.command.to_bytes(), retain=True)
-        self.status(self.engine.state, "reconnected to the broker")
 
     def _drain(self, timeout: float) -> None:
         msg = self.transport.get(timeout)
@@ -282,7 +279,7 @@ class OrchestratorService:
         msg = ModelPublished(federation=self.settings.federation, sender=SENDER, version=version.version,
                              sha256=version.sha256, parent=version.parent, round=version.round,
                              contributors=version.contributors)
-        self.transport.publish(self.topics.model, msg.to_bytes(), retain=True)
+        self._publish_retained(self.topics.model, msg.to_bytes())
 
     def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
                       site_metrics: dict[str, EvalMetrics], personalized: dict[str, EvalMetrics],
@@ -295,8 +292,7 @@ class OrchestratorService:
                            pooled=pool_metrics(site_metrics), personalized_metrics=personalized,
                            personalized_pooled=pool_metrics(personalized), bytes_down=sent - self._traffic_mark[0],
                            bytes_up=received - self._traffic_mark[1], seconds=seconds, privacy=privacy)
-        self._last_summary = msg.to_bytes()
-        self.transport.publish(self.topics.round_summary, self._last_summary, retain=True)
+        self._publish_retained(self.topics.round_summary, msg.to_bytes())
 
     def status(self, state: str, detail: str = "") -> None:
         cur = self.engine.current if hasattr(self, "engine") else None
@@ -307,4 +303,9 @@ class OrchestratorService:
             round_id=cur.record.round_id if cur else None, model_version=latest.version if latest else None,
             selected=cur.record.selected if cur else [], reported=sorted(cur.reported) if cur else [],
             deadline=cur.record.deadline if cur else None, detail=detail)
-        self.transport.publish(self.topics.orchestrator_status, msg.to_bytes(), retain=True)
+        self._publish_retained(self.topics.orchestrator_status, msg.to_bytes())
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish a retained message and remember it for ``_after_reconnect``."""
+        self._retained[topic] = payload
+        self.transport.publish(topic, payload, retain=True)
