@@ -155,6 +155,18 @@ def test_daemons_started_before_the_broker_wait_for_it(tmp_path: Path) -> None:
     assert [(a, state, reported) for _, a, state, reported in attempts] == [(1, "done", list(sites))] * 2
 
 
+def test_a_daemon_the_broker_refuses_stops_with_the_reason(tmp_path: Path) -> None:
+    """Waiting is for an absent broker; one that refuses us (not authorized) needs an operator: exit 2, say why."""
+    with start_mosquitto(extra_config="allow_anonymous false") as closed:
+        orch, _ = _settings(closed.url, tmp_path, rounds=1, round_timeout=10.0)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_")}
+        done = subprocess.run([sys.executable, "-m", "fedmq", "orchestrator", "run"], env={**env, **settings_env(orch)},
+                              capture_output=True, text=True, timeout=60)
+    said = " ".join(done.stderr.split())  # the error console wraps long lines
+    assert done.returncode == 2, said[-3000:]
+    assert "refused fedmq-heart-demo-orchestrator: Not authorized. Retrying cannot fix this" in said, said[-3000:]
+
+
 def _kill_mid_round(tmp_path: Path, caplog: pytest.LogCaptureFixture, *, persistence: bool) -> dict[str, float]:
     """Kill the broker while the sites train (round 2 or later), start it again 3 s later on the same port.
 
