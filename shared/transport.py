@@ -221,6 +221,7 @@ class Transport:
             return
         self._backoff.reset()
         self._connections += 1
+        client.on_log = None  # only needed before the broker accepts us; it costs a formatted line per packet
         # Under the lock, so a concurrent subscribe() is either in this snapshot or sees us connected.
         with self._lock:
             for topic, qos in self._subscriptions.items():
@@ -239,6 +240,7 @@ class Transport:
                        properties: Properties | None) -> None:
         self.connected.clear()
         self._disconnected.set()
+        client.on_log = self._on_log
         if reason.is_failure:
             delay = self._backoff.next()
             self._schedule_retry(delay)
@@ -288,6 +290,7 @@ class Transport:
 
     def start(self, timeout: float = 15.0) -> "Transport":
         """Connect now (tests, tools); raises ``TransportError`` if the broker is unreachable or not accepting us."""
+        self._refused = None
         try:
             self._client.connect(self.address.host, self.address.port, **self._connect_options())
         except (OSError, ssl.SSLError) as e:
@@ -311,6 +314,7 @@ class Transport:
         Returns at once. ``connected`` is set once the broker accepted us; a refusal that
         retrying cannot fix is raised by ``raise_if_refused()``, which the owner calls in its loop.
         """
+        self._refused = None
         self._client.connect_async(self.address.host, self.address.port, **self._connect_options())
         self._client.loop_start()
         return self
