@@ -1,5 +1,5 @@
-"""Broker faults against a real federation: down at start, killed mid-round (with and without
-persistence), down longer than a round's deadline.
+"""Broker faults against a real federation: down at start, refusing us, killed mid-round (with
+and without persistence), down longer than a round's deadline.
 
 Each case runs the Heart Disease federation (logistic regression, a few short rounds) over a
 Mosquitto this test owns on a port it chose, so the broker can be killed (SIGKILL) and started
