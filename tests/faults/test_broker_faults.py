@@ -80,13 +80,16 @@ def _open_round(db: Path) -> tuple[int, int]:
 
 
 def _wait_training(fed: Federation, db: Path, first_round: int, timeout: float) -> int:
-    """Until every site trains for one round from ``first_round`` on (returned): their reports will
-    be sent while the broker is down."""
+    """Until, in a round from ``first_round`` on (returned), no update is stored yet and at least
+    half the sites train: their reports will be sent while the broker is down."""
     deadline = time.monotonic() + timeout
-    while (rnd := _open_round(db)[0]) < first_round or any(a.current_state != "training" for a in fed.agents.values()):
+    while True:
+        rnd, stored = _open_round(db)
+        training = sum(a.current_state == "training" for a in fed.agents.values())
+        if rnd >= first_round and stored == 0 and 2 * training >= len(fed.agents):
+            return rnd
         assert time.monotonic() < deadline, f"the sites never trained together in a round from {first_round} on"
         time.sleep(0.01)
-    return rnd
 
 
 def _wait_saved(fed: Federation, store: Path, timeout: float) -> None:
