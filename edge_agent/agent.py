@@ -85,6 +85,7 @@ class EdgeAgent:
         self.feedback = ErrorFeedback(Path(settings.state_dir) / "residual.npz")
         self._drop_unsent_feedback()
         self.current_state: SiteState = "online"
+        self._status_detail = ""
         self._deferred: RoundCommand | None = None
         self.secure: SecureUpdate | None = None  # this site's part in the open secure-aggregation round
         self._ack_due: float | None = None
@@ -96,11 +97,13 @@ class EdgeAgent:
         self._write_heartbeat(False)  # a previous container's heartbeat must not vouch for this one
         warm_up()
         t = self.transport
-        t.start()
         t.subscribe(self.topics.round)
         t.subscribe(self.topics.broadcast_chunks)
         t.subscribe(self.topics.secagg)
         t.subscribe(self.topics.to_site_all(self.site))
+        # A hospital server may boot before its network or the broker: the transport keeps
+        # trying (and says so); the status below goes out once it is connected.
+        t.start_retrying()
         self.set_status("idle")
         if self.state.record.pending is not None:
             log.info("an update for %s was not acknowledged before the restart; it will be sent again",
@@ -108,6 +111,9 @@ class EdgeAgent:
             self._ack_due = time.monotonic() + 2.0  # the retained round command usually triggers it sooner
         try:
             while not stop.is_set():
+                t.raise_if_refused()
+                if t.take_reconnect():
+                    self._after_reconnect()
                 msg = t.get(0.2)
                 if msg is not None:
                     self.handle(msg)
@@ -117,8 +123,27 @@ class EdgeAgent:
                 self.set_status("offline", "stopped")  # a clean disconnect does not fire the last will
             t.stop()
 
+    def _after_reconnect(self) -> None:
+        """Put back what a broker that lost everything (no persistence) no longer holds.
+
+        Gone may be our retained status, the orchestrator's subscriptions, and the ack or the
+        update in flight: publish the status again and resend an unacknowledged update at once
+        (the orchestrator acknowledges a copy it already stored without counting it again). A
+        download in progress goes on: ``_housekeeping`` asks for its missing chunks.
+        """
+        self.set_status(self.current_state, self._status_detail)
+        if self.state.record.pending is not None:
+            log.info("reconnected with the update for %s unacknowledged; sending it again",
+                     self.state.record.pending.report.round_id)
+            self._publish_pending()
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now - self._last_heartbeat > self.settings.heartbeat_seconds:
+            self._last_heartbeat = now
+            self._write_heartbeat(self.transport.connected.is_set())
+        if not self.transport.connected.is_set():
+            return  # resends and chunk requests made while cut off would all arrive at once
         if self._ack_due is not None and now > self._ack_due:
             log.warning("no acknowledgement for our update yet; sending it again")
             self._publish_pending()
@@ -127,9 +152,6 @@ class EdgeAgent:
                                indices=self.inbox.missing(blob_id))
             log.info("asking for %d missing chunks of model blob %s", len(req.indices), blob_id[:12])
             self.transport.publish(self.topics.site(self.site, "request"), req.to_bytes())
-        if now - self._last_heartbeat > self.settings.heartbeat_seconds:
-            self._last_heartbeat = now
-            self._write_heartbeat(self.transport.connected.is_set())
 
     def _write_heartbeat(self, connected: bool) -> None:
         """What ``fedmq agent health`` reads; replaced atomically so a reader never sees half a file."""
@@ -151,7 +173,7 @@ class EdgeAgent:
         return self.state.record.dp_sgd_spent if self.settings.dp_sgd else None
 
     def set_status(self, state: SiteState, detail: str = "") -> None:
-        self.current_state = state
+        self.current_state, self._status_detail = state, detail
         self.transport.publish(self.topics.site(self.site, "status"), self._status_message(state, detail).to_bytes(),
                                retain=True)
 

@@ -76,7 +76,12 @@ def _serve(kind: str, settings_cls: type, service_cls: Callable, config: Optiona
         _fail(f"invalid {kind} settings: {e}")
     setup_logging(settings.log_level)
     try:
-        service_cls(settings).run(_stop_on_signals())
+        service = service_cls(settings)
+    except (TransportError, ValueError) as e:  # a bad broker URL, unusable TLS files, an inconsistent setting
+        _fail(f"cannot start the {kind}: {e}")
+    try:
+        # An unreachable broker is waited for inside run(); only a refusal retrying cannot fix ends up here.
+        service.run(_stop_on_signals())
     except TransportError as e:
         _fail(str(e))
 

@@ -79,6 +79,7 @@ class OrchestratorService:
         self.refusals = Refusals()
         self._refusals_published = (0, 0.0)  # (refusals.changes, monotonic time) of the last status
         self._last_status = ("starting", "")
+        self._retained: dict[str, bytes] = {}  # topic -> our last retained message, for a broker that lost it
         self.engine = RoundEngine(settings, self.registry, self.journal, self.strategy, self)
         self._traffic_mark = (0, 0)
 
@@ -101,21 +102,32 @@ class OrchestratorService:
                           hidden=tuple(s.hidden))
 
     def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set or (with ``exit_when_done``) the federation finished."""
+        """Serve until ``stop`` is set or (with ``exit_when_done``) the federation finished.
+
+        An unreachable broker is waited for (the transport logs each attempt); only a refusal
+        retrying cannot fix (credentials, certificates) raises ``TransportError``.
+        """
         t = self.transport
-        t.start()
         for topic in (f"{self.topics.base}/site/+/status", f"{self.topics.base}/site/+/update",
                       f"{self.topics.base}/site/+/request", f"{self.topics.base}/site/+/blob/+/+",
                       f"{self.topics.base}/site/+/secagg"):
             t.subscribe(topic)
-        self.status("starting")
-        # Reopen the round first: updates queued for us while we were down must find it open.
-        self.engine.start(self._initial_model)
-        time.sleep(0.5)  # let retained site statuses arrive before the first selection
+        t.start_retrying()
         try:
+            # Selection needs the sites' retained statuses, so nothing starts before the broker answers.
+            if not t.wait_connected(stop):
+                return
+            self.status("starting")
+            # Reopen the round first: updates queued for us while we were down must find it open.
+            self.engine.start(self._initial_model)
+            time.sleep(0.5)  # let retained site statuses arrive before the first selection
             while not stop.is_set():
+                t.raise_if_refused()
+                if t.take_reconnect():
+                    self._after_reconnect()
                 self._drain(0.2)
-                self._request_stalled()
+                if t.connected.is_set():  # requests made while cut off would all arrive at once
+                    self._request_stalled()
                 self.engine.tick(self.online())
                 self._publish_refusals()
                 if self.engine.state == "finished" and self.settings.exit_when_done:
@@ -124,6 +136,24 @@ class OrchestratorService:
             if t.connected.is_set() and self.engine.state != "finished":
                 self.status("offline", "stopped")  # a clean disconnect does not fire the last will
             t.stop()
+
+    def _after_reconnect(self) -> None:
+        """Put back on the broker what a restart without persistence lost, and ask sites for what is missing.
+
+        Our retained messages (status, latest model, last round summary) and the open round's
+        command are published again. The command reaches the selected sites again: one holding
+        an unacknowledged update resends it at once (an update already stored is only
+        acknowledged again, never counted twice), which also completes an upload cut off
+        midway; ``_request_stalled`` asks for whatever chunks are still missing after that.
+        Without this a report lost with the broker would keep the round open until its deadline.
+        """
+        for topic, payload in self._retained.items():
+            self.transport.publish(topic, payload, retain=True)
+        cur = self.engine.current
+        if cur is not None:
+            log.info("re-announcing round %d attempt %d after the reconnection (reported so far: %s)",
+                     cur.record.round, cur.record.attempt, sorted(cur.reported) or "none")
+            self.transport.publish(self.topics.round, cur.command.to_bytes(), retain=True)
 
     def _drain(self, timeout: float) -> None:
         msg = self.transport.get(timeout)
@@ -359,7 +389,7 @@ class OrchestratorService:
         msg = ModelPublished(federation=self.settings.federation, sender=SENDER, version=version.version,
                              sha256=version.sha256, parent=version.parent, round=version.round,
                              contributors=version.contributors)
-        self.transport.publish(self.topics.model, msg.to_bytes(), retain=True)
+        self._publish_retained(self.topics.model, msg.to_bytes())
 
     def round_summary(self, record: RoundRecord, evaluated_version: int, new_version: int | None,
                       site_metrics: dict[str, EvalMetrics], personalized: dict[str, EvalMetrics],
@@ -372,7 +402,7 @@ class OrchestratorService:
                            pooled=pool_metrics(site_metrics), personalized_metrics=personalized,
                            personalized_pooled=pool_metrics(personalized), bytes_down=sent - self._traffic_mark[0],
                            bytes_up=received - self._traffic_mark[1], seconds=seconds, privacy=privacy)
-        self.transport.publish(self.topics.round_summary, msg.to_bytes(), retain=True)
+        self._publish_retained(self.topics.round_summary, msg.to_bytes())
 
     def round_ended(self, round_id: str) -> None:
         """Release the uploads still arriving for a round that closed or failed, and parked chunks."""
@@ -392,4 +422,9 @@ class OrchestratorService:
             round_id=cur.record.round_id if cur else None, model_version=latest.version if latest else None,
             selected=cur.record.selected if cur else [], reported=sorted(cur.reported) if cur else [],
             deadline=cur.record.deadline if cur else None, detail=detail, refusals=self.refusals.snapshot())
-        self.transport.publish(self.topics.orchestrator_status, msg.to_bytes(), retain=True)
+        self._publish_retained(self.topics.orchestrator_status, msg.to_bytes())
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish a retained message and remember it for ``_after_reconnect``."""
+        self._retained[topic] = payload
+        self.transport.publish(topic, payload, retain=True)

@@ -51,11 +51,20 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
 
 
 def mosquitto_config(port: int, *, host: str = "127.0.0.1", message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT,
-                     extra: str = "") -> str:
-    """A Mosquitto 2.x configuration for a private, anonymous, loopback broker."""
+                     extra: str = "", persistence_dir: Path | None = None) -> str:
+    """A Mosquitto 2.x configuration for a private, anonymous, loopback broker.
+
+    With ``persistence_dir`` the broker keeps sessions, queued and retained messages there
+    across restarts, saved every second so that even a killed broker loses little.
+    """
+    persistence = ["persistence false"]
+    if persistence_dir is not None:
+        persistence = ["persistence true", f"persistence_location {persistence_dir}/", "autosave_interval 1"]
+        if os.geteuid() == 0:  # as root Mosquitto runs as `mosquitto`, who cannot write the caller's directory
+            persistence.append("user root")
     return "\n".join([
         "per_listener_settings false",
-        "persistence false",
+        *persistence,
         "log_dest stderr",
         "log_type error",
         "log_type warning",
@@ -98,6 +107,13 @@ class Broker:
             self._tmp.cleanup()
             self._tmp = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: nothing is saved, clients get no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.stop()
+
     def __enter__(self) -> "Broker":
         return self
 
@@ -106,11 +122,15 @@ class Broker:
 
 
 def start_mosquitto(port: int | None = None, *, host: str = "127.0.0.1", extra_config: str = "",
-                    message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT, timeout: float = 10.0) -> Broker:
-    """Start ``mosquitto`` with our own config on a free port (or ``port``)."""
+                    message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT, timeout: float = 10.0,
+                    persistence_dir: Path | None = None) -> Broker:
+    """Start ``mosquitto`` with our own config on a free port (or ``port``; to restart one on its port).
+
+    ``persistence_dir`` (kept by the caller, so a restarted broker finds it) turns persistence on.
+    """
     return start_mosquitto_with(
         lambda port, _workdir: mosquitto_config(port, host=host, message_size_limit=message_size_limit,
-                                                extra=extra_config),
+                                                extra=extra_config, persistence_dir=persistence_dir),
         port, host=host, timeout=timeout)
 
 

@@ -39,6 +39,10 @@ class CommonSettings(BaseSettings):
     tls_crl: Path | None = Field(default=None, description="federation CRL: a revoked broker certificate is refused "
                                  "(default crl.pem beside tls_ca, if present)")
     keepalive: int = Field(default=30, ge=5)
+    reconnect_min_delay: float = Field(default=1.0, gt=0, le=3600, allow_inf_nan=False,
+                                       description="seconds before the first retry of an unreachable broker")
+    reconnect_max_delay: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False,
+                                       description="cap of the doubling retry delay (jittered: half to all of it)")
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024)
     max_blob_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     state_dir: Path = Path(".fedmq")

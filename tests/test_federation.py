@@ -94,13 +94,14 @@ def test_orchestrator_killed_mid_round_resumes_without_losing_a_version(fresh_mo
             deadline = time.monotonic() + 180
             while True:
                 rnd, stored = _open_round_updates(db)
-                if rnd == 2 and stored >= 1:
+                if rnd >= 2 and stored >= 1:  # round 2 may close between two looks on a busy machine
                     break
                 assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "round 2 never got an update"
+                assert time.monotonic() < deadline, "no round after the first got an update"
                 time.sleep(0.05)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
+            killed_in = rnd
             proc = spawn()
             assert proc.wait(timeout=240) == 0, log_path.read_text()[-3000:]
             assert not fed.errors
@@ -108,7 +109,7 @@ def test_orchestrator_killed_mid_round_resumes_without_losing_a_version(fresh_mo
         if proc.poll() is None:
             proc.kill()
     _check_registry(tmp_path / "orchestrator", rounds, {"cleveland", "hungary", "switzerland", "va"})
-    assert "resuming round 2" in log_path.read_text()
+    assert f"resuming round {killed_in}" in log_path.read_text()
     with sqlite3.connect(db) as conn:
         failed = conn.execute("SELECT round_id, detail FROM rounds WHERE state != 'done'").fetchall()
     assert failed == [], f"the restart cost a retried round: {failed}"

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from shared.blobs import BlobInbox, iter_chunks, make_manifest
 from shared.broker import Broker, free_port, start_mosquitto
+from shared.broker_acl import start_tls_mosquitto
 from shared.config import CommonSettings
+from shared.pki import FederationPki
 from shared.topics import Topics
-from shared.transport import BrokerAddress, Incoming, Transport, TransportError
+from shared.transport import Backoff, BrokerAddress, Incoming, Transport, TransportError
 
 WAIT = 10.0  # seconds before a message that should arrive is declared lost
 
@@ -288,3 +293,105 @@ def test_full_inbox_drops_and_counts_without_blocking(mosquitto: Broker, make_tr
         pub.publish(topic, b"after")
         assert _expect(sub, topic).payload == b"after", "a drained queue accepts messages again"
     assert caplog.text.count("incoming queue full") == 1, "the drops are logged once per interval, not per message"
+
+
+# -- waiting for the broker, reconnections, refusals ------------------------------------------
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout}s")
+        time.sleep(0.05)
+
+
+def test_start_retrying_waits_for_a_broker_that_comes_up_later(caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon started before the broker keeps trying, says so each time, and connects once it is up."""
+    caplog.set_level(logging.WARNING, logger="shared.transport")
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    transport = Transport(_settings(url, reconnect_min_delay=0.1, reconnect_max_delay=0.4), "early-bird")
+    broker: Broker | None = None
+    try:
+        transport.start_retrying()
+        _wait_for(lambda: caplog.text.count(f"broker at {url} not reachable") >= 3, WAIT, "no retries logged")
+        assert "Connection refused" in caplog.text and "retrying in" in caplog.text
+        assert not transport.connected.is_set()
+        transport.raise_if_refused()  # an absent broker is not a refusal
+        broker = start_mosquitto(port=port)
+        assert transport.wait_connected(threading.Event()), "never connected"
+        assert not transport.take_reconnect(), "the first connection is not a reconnection"
+        broker.kill()
+        broker = start_mosquitto(port=port)
+        _wait_for(transport.take_reconnect, WAIT, "no reconnection reported")
+        assert not transport.take_reconnect(), "one reconnection is reported once"
+    finally:
+        transport.stop()
+        if broker is not None:
+            broker.stop()
+
+
+def test_start_retrying_ends_when_stopped_before_any_broker_answers() -> None:
+    transport = Transport(_settings(f"mqtt://127.0.0.1:{free_port()}", reconnect_min_delay=0.1), "given-up")
+    transport.start_retrying()
+    stop = threading.Event()
+    stop.set()
+    assert transport.wait_connected(stop) is False
+    transport.stop()
+    assert not transport.connected.is_set()
+
+
+def test_a_refusal_retrying_cannot_fix_is_raised_not_retried() -> None:
+    """Not authorized is an operator's problem: the daemon must stop with the reason, not retry forever."""
+    with start_mosquitto(extra_config="allow_anonymous false") as closed:
+        settings = _settings(closed.url, reconnect_min_delay=0.1, reconnect_max_delay=0.2)
+        bounded = Transport(settings, "stranger")
+        with pytest.raises(TransportError, match="refused stranger: Not authorized. Retrying cannot fix this"):
+            bounded.start(timeout=WAIT)
+        daemon = Transport(settings, "stranger-daemon").start_retrying()
+        try:
+            with pytest.raises(TransportError, match="FEDMQ_USERNAME / FEDMQ_PASSWORD"):
+                daemon.wait_connected(threading.Event())
+        finally:
+            daemon.stop()
+
+
+@pytest.mark.parametrize("case", ["untrusted broker certificate", "client certificate of another CA"])
+def test_a_certificate_refusal_is_not_retried(tmp_path: Path, case: str) -> None:
+    pki = FederationPki.init(tmp_path / "pki", "demo")
+    pki.issue_site("hospital-a")
+    foreign = FederationPki.init(tmp_path / "foreign", "demo")
+    foreign.issue_site("hospital-a")
+    if case == "untrusted broker certificate":
+        ca, identity, expected = foreign, pki, "broker's certificate is not trusted.*FEDMQ_TLS_CA"
+    else:
+        ca, identity, expected = pki, foreign, "refused our TLS certificate.*UNKNOWN_CA.*FEDMQ_TLS_CERT"
+    with start_tls_mosquitto(pki.root) as broker:
+        settings = _settings(broker.url, tls_ca=ca.ca_cert_path, tls_cert=identity.cert_path("hospital-a"),
+                             tls_key=identity.key_path("hospital-a"), reconnect_min_delay=0.1)
+        daemon = Transport(settings, "hospital-a").start_retrying()
+        try:
+            with pytest.raises(TransportError, match=expected):
+                daemon.wait_connected(threading.Event())
+        finally:
+            daemon.stop()
+
+
+def test_a_key_that_is_not_the_certificates_is_a_clear_error(tmp_path: Path) -> None:
+    pki = FederationPki.init(tmp_path / "pki", "demo")
+    pki.issue_site("hospital-a")
+    pki.issue_site("hospital-b")
+    settings = _settings("mqtts://127.0.0.1:8883", tls_ca=pki.ca_cert_path, tls_cert=pki.cert_path("hospital-a"),
+                         tls_key=pki.key_path("hospital-b"))
+    with pytest.raises(TransportError, match="cannot use the TLS files.*the key belongs to the certificate"):
+        Transport(settings, "hospital-a")
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter() -> None:
+    backoff = Backoff(0.5, 4.0, random.Random(7))
+    delays = [backoff.next() for _ in range(8)]
+    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings)), delays
+    assert len({round(d, 6) for d in delays[3:]}) == 5, "capped delays must still be jittered"
+    backoff.reset()
+    assert backoff.next() <= 0.5
