@@ -7,7 +7,9 @@ will, and the exporter must work with a monitor certificate behind the productio
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,10 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedmq.demo import DemoOptions, heart_settings, settings_env
-from fedmq.exporter import Exporter
+from fedmq.exporter import Exporter, FleetCollector, FleetState
 from fedmq.inprocess import round_summaries, run_federation
 from shared.broker import Broker
 from shared.broker_acl import start_tls_mosquitto
@@ -34,6 +37,7 @@ from shared.topics import Topics
 from shared.transport import Transport
 
 WAIT = 30.0
+DASHBOARD = Path(__file__).resolve().parents[1] / "containers" / "grafana" / "fedmq-dashboard.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -210,3 +214,19 @@ def test_exporter_reads_as_a_monitor_behind_the_production_acl(tmp_path: Path) -
     assert value(samples, "fedmq_round_attempt") == 2
     assert value(samples, "fedmq_pooled_metric", metric="accuracy") == 0.7
     assert value(samples, "fedmq_round_bytes_total", direction="down") == 1000
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_exporter_exposes() -> None:
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(FleetState(Topics("demo")), threading.Event()))
+    families = list(text_string_to_metric_families(generate_latest(registry).decode()))
+    exposed = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bfedmq_[a-z_]+", expr)}
+    assert len(exprs) >= 15 and len(used) >= 15
+    assert used - exposed == set(), f"the dashboard queries metrics the exporter does not expose: {used - exposed}"
+    for wanted in ("fedmq_site_up", "fedmq_pooled_metric", "fedmq_round_bytes_total", "fedmq_round_duration_seconds",
+                   "fedmq_epsilon", "fedmq_alert_active", "fedmq_round"):
+        assert wanted in used, f"the dashboard shows no {wanted}"
+    assert all(panel["datasource"]["uid"] == "${DS_PROMETHEUS}" for panel in dashboard["panels"])
