@@ -134,6 +134,12 @@ def test_exporter_figures_equal_the_round_summaries_and_a_killed_agent_goes_down
     assert value(samples, "fedmq_model_version") == 2
     assert value(samples, "fedmq_exporter_broker_connected") == 1
     assert value(samples, "fedmq_exporter_rejected_messages_total") == 0
+    # What the agents say about themselves (schema 2) reaches the metrics too.
+    assert value(samples, "fedmq_rounds_planned") == 2
+    for agent in agents:
+        assert value(samples, "fedmq_site_model_version", site=agent.site_id) == 2
+        assert (value(samples, "fedmq_site_rss_bytes", site=agent.site_id) or 0) > 0
+        assert (value(samples, "fedmq_site_disk_free_bytes", site=agent.site_id) or 0) > 0
 
 
 def _publish(transport: Transport, topic: str, payload: bytes) -> None:
