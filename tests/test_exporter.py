@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedmq.demo import DemoOptions, heart_settings, settings_env
 from fedmq.exporter import Exporter, FleetCollector, FleetState
 from fedmq.inprocess import round_summaries, run_federation
-from shared.broker import Broker
+from shared.broker import Broker, start_mosquitto
 from shared.broker_acl import start_tls_mosquitto
 from shared.config import CommonSettings
 from shared.pki import FederationPki
@@ -236,3 +236,34 @@ def test_the_grafana_dashboard_queries_only_metrics_the_exporter_exposes() -> No
                    "fedmq_epsilon", "fedmq_alert_active", "fedmq_round"):
         assert wanted in used, f"the dashboard shows no {wanted}"
     assert all(panel["datasource"]["uid"] == "${DS_PROMETHEUS}" for panel in dashboard["panels"])
+
+
+def test_exporter_keeps_serving_through_a_broker_restart_and_reads_the_new_state() -> None:
+    """Broker killed: /metrics still answers, says the broker is gone; restarted: the exporter resubscribes."""
+    federation = f"exporter-{uuid.uuid4().hex[:6]}"
+    topics = Topics(federation)
+    broker = start_mosquitto()
+    try:
+        settings = CommonSettings(broker_url=broker.url, federation=federation, reconnect_min_delay=0.2,
+                                  reconnect_max_delay=0.5)
+
+        def publish_status(state: str) -> None:
+            with Transport(settings, f"site-{uuid.uuid4().hex[:6]}", persistent_session=False) as site:
+                _publish(site, topics.site("va", "status"), SiteStatus(
+                    federation=federation, sender="va", state=state, agent_version="1", heartbeat_at=time.time(),
+                    heartbeat_seconds=30).to_bytes())
+
+        with running_exporter(settings) as exporter:
+            publish_status("training")
+            wait_scrape(exporter.port, lambda s: value(s, "fedmq_site_state", site="va", state="training") == 1,
+                        "va training")
+            broker.kill()
+            held = wait_scrape(exporter.port, lambda s: value(s, "fedmq_exporter_broker_connected") == 0,
+                               "the lost broker")
+            assert value(held, "fedmq_site_state", site="va", state="training") == 1  # the last state it knew
+            broker = start_mosquitto(broker.port)  # no persistence: the retained state is gone
+            publish_status("idle")
+            wait_scrape(exporter.port, lambda s: value(s, "fedmq_exporter_broker_connected") == 1
+                        and value(s, "fedmq_site_state", site="va", state="idle") == 1, "va idle after the restart")
+    finally:
+        broker.stop()
