@@ -1,4 +1,4 @@
-"""The ``fedmq`` command: demo, orchestrator, agent, model registry, PKI."""
+"""The ``fedmq`` command: demo, orchestrator, agent, model registry, PKI, Prometheus exporter."""
 
 from __future__ import annotations
 
@@ -235,6 +235,24 @@ def models_export(version: int, path: Path, state_dir: Optional[Path] = StateOpt
         _fail(str(e))
     path.write_bytes(data)
     typer.echo(f"wrote model v{version} to {path} ({len(data)} bytes)")
+
+
+@app.command()
+def exporter(config: Optional[Path] = ConfigOption, broker: Optional[str] = BrokerOption,
+             federation: Optional[str] = typer.Option(None, help="Federation id (FEDMQ_FEDERATION)."),
+             listen: str = typer.Option("127.0.0.1:9464", help="HOST:PORT to serve /metrics on."),
+             tls_ca: Optional[Path] = typer.Option(None, help="Federation CA certificate (FEDMQ_TLS_CA)."),
+             tls_cert: Optional[Path] = typer.Option(None, help="Monitor certificate from `fedmq pki issue-monitor` "
+                                                     "(FEDMQ_TLS_CERT)."),
+             tls_key: Optional[Path] = typer.Option(None, help="Its key (FEDMQ_TLS_KEY).")) -> None:
+    """Serve the federation's state as Prometheus metrics, read from the broker as a read-only monitor."""
+    from functools import partial
+
+    from fedmq.exporter import Exporter
+    from shared.config import CommonSettings
+
+    _serve("exporter", CommonSettings, partial(Exporter, listen=listen), config, broker_url=broker,
+           federation=federation, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @app.command()

@@ -15,9 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.broker_acl import CONTAINER_MONITORS
 from shared.pki import BROKER, ORCHESTRATOR, FederationPki, PkiError
 
-app = typer.Typer(help="Federation PKI: CA, broker, orchestrator, operator and per-site certificates.",
+app = typer.Typer(help="Federation PKI: CA, broker, orchestrator, operator, per-site and monitor certificates.",
                   no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
@@ -79,10 +80,30 @@ def issue_site(
                   f"secure channel; nothing else in {directory}")
 
 
+@app.command("issue-monitor")
+def issue_monitor(
+    directory: DirArg,
+    name: Annotated[str, typer.Argument(help="Monitor name; the certificate CN becomes monitor-NAME.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing certificate (the old one is revoked).")] = False,
+    container_owners: ContainerOwnersOption = False,
+) -> None:
+    """Issue a read-only monitor certificate (fleet state, summaries and alerts; no chunks, no publishing)."""
+    pki = _run(lambda: FederationPki(directory))
+    issued = _run(lambda: pki.issue_monitor(name, force=force))
+    console.print(f"issued {issued.name}: {issued.cert_path} and {issued.key_path}")
+    if container_owners:
+        _give_keys(pki, [issued.name])
+    if name not in CONTAINER_MONITORS:
+        console.print(f"the broker admits it once its ACL names it: `python -m shared.broker_acl OUT_DIR --monitor "
+                      f"{name}` (add every other monitor too), mount OUT_DIR as the broker's config and send it SIGHUP")
+    console.print(f"run `fedmq exporter --broker mqtts://BROKER:8883 --tls-ca {pki.ca_cert_path} --tls-cert "
+                  f"{issued.cert_path} --tls-key {issued.key_path}` to serve Prometheus metrics with it")
+
+
 @app.command()
 def revoke(
     directory: DirArg,
-    site_id: Annotated[str, typer.Argument(help="Site id (or orchestrator / operator) to revoke.")],
+    site_id: Annotated[str, typer.Argument(help="Site id (or orchestrator / operator / monitor-NAME) to revoke.")],
 ) -> None:
     """Revoke an identity's certificate and re-sign the CRL the broker reads."""
     pki = _run(lambda: FederationPki(directory))

@@ -98,6 +98,22 @@ class SecureAggregationSettings(BaseModel):
                                       "certificate are refused (default crl.pem beside identity_ca, if present)")
 
 
+class AlertSettings(BaseModel):
+    """Thresholds of the orchestrator's alerts (orchestrator/alerts.py, docs/monitoring.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    offline_after_seconds: float = Field(default=60.0, ge=0, allow_inf_nan=False,
+                                         description="a site offline (or silent) this long raises site_offline")
+    metric_drop: float = Field(default=0.05, ge=0, allow_inf_nan=False,
+                               description="a site's accuracy falling (or loss rising) by more than this between "
+                               "consecutive evaluated versions raises metric_drop")
+    privacy_share: float = Field(default=0.8, gt=0, le=1, allow_inf_nan=False,
+                                 description="epsilon spent above this share of its ceiling raises privacy_budget")
+    disk_low_bytes: int = Field(default=1024 ** 3, ge=0, description="a site's free disk in its state dir below "
+                                "this raises disk_low")
+
+
 class OrchestratorSettings(CommonSettings):
     """The federation's plan: how many rounds, who takes part, how to train and aggregate."""
 
@@ -136,6 +152,7 @@ class OrchestratorSettings(CommonSettings):
                                             "of its upload in flight excepted); beyond it they are dropped")
     site_message_burst: int = Field(default=2000, ge=1, description="messages one site may send at once "
                                     "before site_messages_per_second applies")
+    alerts: AlertSettings = AlertSettings()
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> "OrchestratorSettings":
@@ -187,7 +204,10 @@ class AgentSettings(CommonSettings):
     data_train: Path
     data_test: Path | None = None
     label_column: str | None = Field(default=None, description="local name of the task's label column")
-    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0, description="the retained status is re-published at "
+                                     "least this often (monitors call a site offline after 3 silent periods)")
+    progress_interval: float = Field(default=1.0, gt=0, allow_inf_nan=False,
+                                     description="least seconds between two progress statuses during a round")
     ack_timeout: float = Field(default=20.0, gt=0, description="seconds to wait for the orchestrator's ack")
     dp_sgd_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                                                   description="DP-SGD noise std as a multiple of the clip norm")

@@ -3,7 +3,8 @@
 Why a private CA: Mosquitto authenticates clients by certificate (``require_certificate``)
 and takes the certificate's CN as the MQTT username (``use_identity_as_username``), which
 the ACL then uses to fence each site into its own topics. So the CN *is* the identity:
-a site id for hospital agents, ``orchestrator`` and ``operator`` for the two central roles.
+a site id for hospital agents, ``orchestrator`` and ``operator`` for the two central roles,
+``monitor-<name>`` for read-only monitors (exporters, dashboards) that see fleet state only.
 Revocation goes through a CRL that Mosquitto reads via ``crlfile``.
 
 Directory layout (``init`` creates it; keys are written 0600, everything else 0644)::
@@ -17,6 +18,8 @@ Directory layout (``init`` creates it; keys are written 0600, everything else 06
       orchestrator.crt .key     client certificate, CN=orchestrator
       operator.crt .key         client certificate, CN=operator (read-only monitor)
       sites/<id>.crt <id>.key   one client certificate per site, CN=<id>
+      monitors/monitor-<name>.crt .key   a read-only monitor (``issue_monitor``), CN=monitor-<name>:
+                                the broker ACL lets it read status, summaries and alerts only
 
 What goes where: the broker gets ca.crt, crl.pem, broker.crt/.key; the orchestrator host
 gets ca.crt, crl.pem and orchestrator.crt/.key; each hospital gets ca.crt, crl.pem and only
@@ -57,6 +60,8 @@ OPERATOR = "operator"
 BROKER = "broker"
 # A site named like a central role would inherit that role's ACL section.
 RESERVED_NAMES = frozenset({ORCHESTRATOR, OPERATOR, BROKER})
+# Monitor CNs start with this; a site id may not, or it would inherit a monitor's ACL section.
+MONITOR_PREFIX = "monitor-"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DNS_NAME_PATTERN = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*")
@@ -90,7 +95,21 @@ def validate_site_id(site_id: str) -> str:
     validate_name(site_id, "site id")
     if site_id in RESERVED_NAMES:
         raise PkiError(f"site id {site_id!r} is reserved for the {site_id} identity; choose another site id")
+    if site_id.startswith(MONITOR_PREFIX):
+        raise PkiError(f"site id {site_id!r} starts with {MONITOR_PREFIX!r}, which names read-only monitors; "
+                       f"choose another site id")
     return site_id
+
+
+def monitor_cn(name: str) -> str:
+    """The certificate CN (and MQTT username) of monitor ``name``: ``monitor-<name>``.
+
+    Why a prefix: the ACL needs one ``user`` section per monitor (Mosquitto has no groups),
+    and the prefix keeps monitor CNs apart from site ids, which may not use it.
+    """
+    validate_name(name, "monitor name", "grafana")
+    return validate_name(MONITOR_PREFIX + name, "monitor certificate CN (monitor-<name>, at most 63 characters)",
+                         "monitor-grafana")
 
 
 @dataclass(frozen=True)
@@ -169,9 +188,17 @@ class FederationPki:
     def sites_dir(self) -> Path:
         return self.root / "sites"
 
+    @property
+    def monitors_dir(self) -> Path:
+        return self.root / "monitors"
+
     def cert_path(self, name: str) -> Path:
-        """Where the certificate of ``name`` (a site id, or broker/orchestrator/operator) lives."""
-        return self.root / f"{name}.crt" if name in RESERVED_NAMES else self.sites_dir / f"{name}.crt"
+        """Where the certificate of ``name`` (a site id, broker/orchestrator/operator, or a monitor CN) lives."""
+        if name in RESERVED_NAMES:
+            return self.root / f"{name}.crt"
+        if name.startswith(MONITOR_PREFIX):
+            return self.monitors_dir / f"{name}.crt"
+        return self.sites_dir / f"{name}.crt"
 
     def key_path(self, name: str) -> Path:
         return self.cert_path(name).with_suffix(".key")
@@ -244,6 +271,15 @@ class FederationPki:
         """Issue the site's client certificate; ``force`` replaces (and revokes) an existing one."""
         return self._issue(validate_site_id(site_id), force=force)
 
+    def issue_monitor(self, name: str, *, force: bool = False) -> Issued:
+        """Issue a read-only monitor's client certificate (CN ``monitor-<name>``).
+
+        The broker lets it read fleet state only once its ACL names that CN: brokers started
+        from this directory (``start_tls_mosquitto``) do; a deployed broker's ACL is written
+        by ``python -m shared.broker_acl OUT_DIR --monitor NAME`` (then SIGHUP the broker).
+        """
+        return self._issue(monitor_cn(name), force=force)
+
     def _issue(self, name: str, *, force: bool, server_hosts: Sequence[str] = ()) -> Issued:
         cert_path, key_path = self.cert_path(name), self.key_path(name)
         if cert_path.exists():
@@ -294,8 +330,9 @@ class FederationPki:
         the broker must be signalled (``docker kill -s HUP mosquitto``) or restarted. Copies
         beside ca.crt at the orchestrator and the hospitals count from their next check.
         """
-        if name not in (ORCHESTRATOR, OPERATOR):
+        if name not in (ORCHESTRATOR, OPERATOR) and not name.startswith(MONITOR_PREFIX):
             validate_site_id(name)
+        validate_name(name, "identity")
         if not self.cert_path(name).exists():
             raise PkiError(f"no certificate for {name!r} in {self.root}: `fedmq pki list {self.root}` "
                            f"shows the issued ones")
@@ -380,12 +417,17 @@ class FederationPki:
     def site_ids(self) -> list[str]:
         return sorted(p.stem for p in self.sites_dir.glob("*.crt")) if self.sites_dir.is_dir() else []
 
+    def monitor_cns(self) -> list[str]:
+        """CNs of the monitors issued here (revoked ones included: the CRL keeps those out)."""
+        return sorted(p.stem for p in self.monitors_dir.glob("*.crt")) if self.monitors_dir.is_dir() else []
+
     def certificates(self) -> list[CertInfo]:
-        """Every certificate in the directory: CA, broker, orchestrator, operator, then sites."""
+        """Every certificate in the directory: CA, broker, orchestrator, operator, sites, then monitors."""
         revoked = self.revoked()
         named: list[tuple[str, Path]] = [("ca", self.ca_cert_path)]
         named += [(role, self.cert_path(role)) for role in (BROKER, ORCHESTRATOR, OPERATOR)]
         named += [("site", self.cert_path(site)) for site in self.site_ids()]
+        named += [("monitor", self.cert_path(cn)) for cn in self.monitor_cns()]
         infos = []
         for role, path in named:
             if not path.exists():

@@ -346,19 +346,116 @@ class SecAggReveal(Message):
 
 
 SiteState = Literal["online", "idle", "downloading", "training", "uploading", "evaluating", "error", "offline"]
+MONITORING_SCHEMA_VERSION = 2
+"""Schema of the monitoring messages (docs/monitoring.md); absent in a message means 1."""
+
+ERROR_CODES: dict[str, str] = {
+    "data.invalid": "fix the site's CSV files (columns, types, label values) to match the federation's task; "
+                    "the agent reads them again at the next round",
+    "data.unreadable": "check that the agent can read its data files (path, permissions, encoding)",
+    "training.failed": "check the round's training settings against this site's data; the agent's log has details",
+    "model.unusable": "the model of the round cannot run here: check the agent's version and the federation's "
+                      "architecture",
+    "model.download_failed": "check the site's connection to the broker; the agent fetches the model again at "
+                             "the next round",
+    "update.refused": "read the reason; the orchestrator's log says why it refused the update",
+    "privacy.floor": "the round asked for less privacy than this site accepts: the federation operator must "
+                     "raise clipping/noise, or the hospital must change its floor",
+    "privacy.budget_spent": "this site's DP-SGD budget is spent: it trains no more unless the hospital raises "
+                            "dp_sgd_max_epsilon",
+    "secagg.failed": "check this site's federation certificate and key and the CA/CRL the agent uses",
+    "agent.internal": "an unexpected error in the agent: send its log (with the traceback) to the fedmq "
+                      "maintainers; the agent goes on with the next round",
+}
+"""Stable error codes a site reports in ``SiteStatus.last_error``, each with what to do next by default."""
+
+
+class _Monitored(BaseModel):
+    """Monitoring schemas ignore fields they do not know: a reader must keep working with a newer sender."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class RoundProgress(_Monitored):
+    """How far a site is in the current round's phase: steps done of planned, bytes done of bytes to move."""
+
+    round_id: str = Field(max_length=100)
+    round: int = Field(ge=1)
+    rounds_total: int | None = Field(default=None, ge=1)
+    phase: Literal["downloading", "evaluating", "training", "uploading"]
+    steps_done: int = Field(default=0, ge=0)
+    steps_total: int = Field(default=0, ge=0)
+    bytes_done: int = Field(default=0, ge=0)
+    bytes_total: int = Field(default=0, ge=0)
+
+
+class ErrorInfo(_Monitored):
+    """The last thing that went wrong at a site: a stable code, what is wrong (no local paths), what to do."""
+
+    code: str = Field(max_length=100, description="a key of ERROR_CODES (newer senders may add codes)")
+    message: str = Field(max_length=2000)
+    action: str = Field(max_length=2000)
+    round_id: str | None = Field(default=None, max_length=100)
+    at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, code: str, message: str, round_id: str | None = None) -> "ErrorInfo":
+        """An error of a known code, with that code's default action."""
+        return cls(code=code, message=message, action=ERROR_CODES[code], round_id=round_id)
+
+
+class DataSummary(_Monitored):
+    """What a site's data looks like, in aggregate only: sizes, a hash of the column schema, label counts."""
+
+    rows_train: int = Field(ge=0)
+    rows_test: int | None = Field(default=None, ge=0)
+    schema_hash: str = Field(max_length=64, description="sha256 hex of the ordered column names and types, "
+                             "first 16 characters")
+    label_counts: dict[str, int] = Field(default_factory=dict, max_length=10_000)
+
+
+class AgentResources(_Monitored):
+    """The agent process's footprint: CPU since the last sample, memory, and free disk in its state dir."""
+
+    cpu_percent: float = Field(ge=0)
+    rss_bytes: int = Field(ge=0)
+    disk_free_bytes: int = Field(ge=0)
 
 
 class SiteStatus(Message):
-    """Retained presence of an agent; its last will publishes the same with ``state='offline'``."""
+    """Retained state of an agent (docs/monitoring.md); its last will publishes the same with ``state='offline'``.
+
+    Fields are left out of the JSON while empty (``None``): the wire stays small and a reader
+    gets the same defaults.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: Literal["status"] = "status"
     state: SiteState
     agent_version: str
-    model_version: int | None = None
+    model_version: int | None = Field(default=None, description="same as active_model_version, for schema-1 "
+                                      "readers")
     round_id: str | None = None
     num_samples: int | None = None
     detail: str = ""
     privacy: PrivacySpent | None = Field(default=None, description="the site's sample-level DP-SGD spending so far")
+    schema_version: int = MONITORING_SCHEMA_VERSION
+    connected_at: float | None = Field(default=None, description="when this agent process connected (epoch s)")
+    heartbeat_at: float | None = Field(default=None, description="when a live agent produced this status; None in "
+                                       "the last will, whose time is unknown")
+    heartbeat_seconds: float | None = Field(default=None, gt=0, description="the status is re-published at least "
+                                            "this often")
+    active_model_version: int | None = None
+    candidate_model_version: int | None = Field(default=None, description="a version being fetched or evaluated, "
+                                                "not yet active")
+    progress: RoundProgress | None = None
+    last_error: ErrorInfo | None = None
+    data: DataSummary | None = None
+    resources: AgentResources | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 class OrchestratorStatus(Message):
@@ -383,13 +480,20 @@ class OrchestratorStatus(Message):
     detail: str = ""
     refusals: dict[str, dict[str, int]] = Field(default_factory=dict, description="messages refused since the "
                                                 "orchestrator started: {site: {reason: count}}")
+    schema_version: int = MONITORING_SCHEMA_VERSION
+    rounds_total: int | None = Field(default=None, description="rounds the federation plans: 'round 4 of 20'")
+    kind: Literal["train", "evaluate"] | None = Field(default=None, description="of the open round")
+    started_at: float | None = Field(default=None, description="when the open round was announced")
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json(exclude={"refusals"} if not self.refusals else None).encode()
+        return self.model_dump_json(exclude_none=True,
+                                    exclude={"refusals"} if not self.refusals else None).encode()
 
 
 class ModelPublished(Message):
     """A new global version exists; retained so late joiners know the latest."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: Literal["model"] = "model"
     version: int
@@ -401,6 +505,8 @@ class ModelPublished(Message):
 
 class RoundSummary(Message):
     """What operators watch: how the evaluated version scored, per site and pooled, and what it cost."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: Literal["round_summary"] = "round_summary"
     round: int
@@ -417,14 +523,41 @@ class RoundSummary(Message):
                                          "to and including the new version")
 
 
+AlertKind = Literal["site_offline", "round_failed", "round_retried", "metric_drop", "privacy_budget", "disk_low",
+                    "site_error"]
+
+
+class Alert(_Monitored):
+    """One active alert: what is wrong, where, since when, and what to do (rules: orchestrator/alerts.py)."""
+
+    id: str = Field(max_length=200, description="stable while the alert lasts, e.g. 'site_offline:va'")
+    kind: AlertKind
+    severity: Literal["warning", "critical"]
+    site: str | None = None
+    message: str = Field(max_length=2000)
+    action: str = Field(max_length=2000)
+    since: float
+
+
+class AlertState(Message):
+    """The currently active alerts, retained; an alert that cleared is simply absent."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: Literal["alerts"] = "alerts"
+    alerts: list[Alert] = Field(default_factory=list, max_length=10_000)
+
+
 AnyMessage = Annotated[
     Union[RoundCommand, UpdateReport, UpdateAck, ChunkRequest, SiteStatus, OrchestratorStatus, ModelPublished,
-          RoundSummary, SecAggAdvert, SecAggRoster, SecAggShares, SecAggUnmask, SecAggReveal],
+          RoundSummary, AlertState, SecAggAdvert, SecAggRoster, SecAggShares, SecAggUnmask, SecAggReveal],
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
 MESSAGE_TYPES = ("round", "update", "ack", "chunk_request", "status", "orch_status", "model", "round_summary",
-                 "secagg_advert", "secagg_roster", "secagg_shares", "secagg_unmask", "secagg_reveal")
+                 "alerts", "secagg_advert", "secagg_roster", "secagg_shares", "secagg_unmask", "secagg_reveal")
+
+_VERSIONED_MONITORING_TYPES = ("status", "orch_status")
 
 
 def _reject_constant(name: str) -> float:
@@ -449,6 +582,8 @@ def parse_message(payload: bytes, *, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES)
                             f"{PROTOCOL_VERSION}); upgrade the older side")
     if raw.get("type") not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {raw.get('type')!r}; known: {', '.join(MESSAGE_TYPES)}")
+    if raw["type"] in _VERSIONED_MONITORING_TYPES:
+        raw.setdefault("schema_version", 1)  # written before schema versions existed
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as e:

@@ -59,6 +59,11 @@ class Topics:
         return f"{self.base}/orch/all/summary"
 
     @property
+    def alerts(self) -> str:
+        """The orchestrator's active alerts (retained ``AlertState``)."""
+        return f"{self.base}/orch/all/alerts"
+
+    @property
     def secagg(self) -> str:
         """Secure-aggregation rosters and unmasking requests (not retained: they belong to one round)."""
         return f"{self.base}/orch/all/secagg"

@@ -27,9 +27,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.broker import Broker
-from shared.broker_acl import acl_text, start_tls_mosquitto, write_container_example
+from shared.broker_acl import CONTAINER_MONITORS, MONITOR_TOPICS, acl_text, start_tls_mosquitto, write_container_example
 from shared.config import CommonSettings
-from shared.pki import FederationPki
+from shared.pki import FederationPki, PkiError
 from shared.transport import Transport, TransportError, client_tls_context
 
 FED = "fedmq/v1/demo"
@@ -152,6 +152,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> FederationPki:
     pki = FederationPki.init(tmp_path_factory.mktemp("pki"), "demo", ["broker.example.org"])
     for site in ("hospital-a", "hospital-b"):
         pki.issue_site(site)
+    pki.issue_monitor("grafana")  # before the broker starts: its ACL names the monitors issued
     return pki
 
 
@@ -249,6 +250,96 @@ def test_forged_publishes_never_reach_anyone(broker: Broker, pki: FederationPki,
             assert p.puback_codes[mid].getName() == "Not authorized"
 
 
+def test_a_monitor_reads_fleet_state_and_nothing_else(broker: Broker, pki: FederationPki,
+                                                     peers: list[Peer]) -> None:
+    """Status, summaries, models and alerts reach a monitor; chunks, updates, requests and secagg never do."""
+    def peer(identity: str, **kw: object) -> Peer:
+        p = Peer(broker, pki, identity, **kw)  # type: ignore[arg-type]
+        peers.append(p)
+        return p.connect()
+
+    run = uuid.uuid4().hex[:6].encode()
+    orch = peer("orchestrator")
+    site_b = peer("hospital-b")
+    retained = {f"{FED}/orch/all/status": b"collecting " + run, f"{FED}/orch/all/summary": b"round 3 " + run,
+                f"{FED}/orch/all/alerts": b"va offline " + run, f"{FED}/orch/all/model": b"v3 " + run,
+                f"{FED}/orch/all/round": b"round 4 " + run}
+    for topic, payload in retained.items():
+        orch.publish(topic, payload, retain=True)
+    site_b.publish(f"{FED}/site/hospital-b/status", b"training " + run, retain=True)
+    retained[f"{FED}/site/hospital-b/status"] = b"training " + run
+
+    monitor_all = peer("monitor-grafana").subscribe("#")
+    monitor_fed = peer("monitor-grafana").subscribe(f"{FED}/#")
+    operator = peer("operator").subscribe("#")  # the control: everything below does flow
+    forbidden = [
+        (orch, f"{FED}/orch/all/blob/{'ab' * 32}/0", b"model chunk"),
+        (orch, f"{FED}/orch/all/secagg", b"roster"),
+        (orch, f"{FED}/orch/to/hospital-b/ack", b"ack for B"),
+        (orch, f"{FED}/orch/to/monitor-grafana/ack", b"into the monitor's inbox"),
+        (site_b, f"{FED}/site/hospital-b/update", b"B's update report"),
+        (site_b, f"{FED}/site/hospital-b/blob/{'cd' * 32}/0", b"B's update chunk"),
+        (site_b, f"{FED}/site/hospital-b/request", b"B asks for chunks"),
+        (site_b, f"{FED}/site/hospital-b/secagg", b"B's masked shares"),
+    ]
+    for sender, topic, payload in forbidden:
+        sender.publish(topic, payload)
+    site_b.publish(f"{FED}/site/hospital-b/status", b"uploading " + run)
+    orch.publish(f"{FED}/orch/all/summary", b"round 4 " + run)
+    orch.publish(f"{FED}/orch/all/status", b"fence " + run)  # the last one: once here, the rest arrived
+    for p in (monitor_all, monitor_fed, operator):
+        p.wait_for(f"{FED}/orch/all/status", b"fence " + run)
+
+    for p in (monitor_all, monitor_fed):
+        assert set(retained.items()) <= set(p.retained), f"{p.name} missed retained state: {p.retained}"
+        assert p.topics() == {f"{FED}/site/hospital-b/status", f"{FED}/orch/all/summary", f"{FED}/orch/all/status"}
+        readable = {f"{FED}/{topic.replace('+', 'hospital-a')}" for topic in MONITOR_TOPICS} | set(retained)
+        assert {topic for topic, _ in p.retained} <= readable
+    assert {topic for _, topic, _ in forbidden} <= operator.topics()
+
+
+def test_a_monitor_publishes_nothing(broker: Broker, pki: FederationPki, peers: list[Peer]) -> None:
+    def peer(identity: str) -> Peer:
+        p = Peer(broker, pki, identity, protocol=MQTTProtocolVersion.MQTTv5)
+        peers.append(p)
+        return p.connect()
+
+    run = uuid.uuid4().hex[:6].encode()
+    operator = peer("operator").subscribe(f"{FED}/#")
+    monitor = peer("monitor-grafana")
+    attempts = [f"{FED}/orch/all/status", f"{FED}/orch/all/alerts", f"{FED}/orch/all/round",
+                f"{FED}/orch/to/hospital-a/ack", f"{FED}/site/hospital-a/status", f"{FED}/site/monitor-grafana/status",
+                f"{FED}/site/monitor-grafana/update"]
+    mids = [monitor.publish(topic, b"from the monitor " + run) for topic in attempts]
+    site_a = peer("hospital-a")
+    site_a.publish(f"{FED}/site/hospital-a/status", b"fence " + run)
+    operator.wait_for(f"{FED}/site/hospital-a/status", b"fence " + run)
+
+    assert [payload for _, payload in operator.received + operator.retained if payload.endswith(run)] == \
+        [b"fence " + run]
+    assert [monitor.puback_codes[mid].getName() for mid in mids] == ["Not authorized"] * len(attempts)
+
+
+def test_monitor_names_cannot_be_site_ids_and_need_the_acl(broker: Broker, pki: FederationPki, tmp_path: Path,
+                                                          peers: list[Peer]) -> None:
+    with pytest.raises(PkiError, match="names read-only monitors"):
+        pki.issue_site("monitor-grafana")
+    with pytest.raises(PkiError, match="already has a certificate"):
+        pki.issue_monitor("grafana")
+    # Issued after this broker wrote its ACL: it connects, but reads no site's state until the ACL names it.
+    late = pki.issue_monitor(f"late-{uuid.uuid4().hex[:6]}")
+    run = uuid.uuid4().hex[:6].encode()
+    site_b, unlisted, listed = Peer(broker, pki, "hospital-b"), Peer(broker, pki, late.name), \
+        Peer(broker, pki, "monitor-grafana")
+    peers.extend([site_b, unlisted, listed])
+    unlisted.connect().subscribe(f"{FED}/#")
+    listed.connect().subscribe(f"{FED}/#")
+    site_b.connect().publish(f"{FED}/site/hospital-b/status", b"idle " + run)
+    listed.wait_for(f"{FED}/site/hospital-b/status", b"idle " + run)
+    assert f"{FED}/site/hospital-b/status" not in unlisted.topics()
+    assert late.name not in acl_text("demo", ["grafana"]) and f"user {late.name}" in acl_text("demo", [late.name])
+
+
 def test_connections_without_a_valid_certificate_are_refused(
         broker: Broker, pki: FederationPki, tmp_path: Path, peers: list[Peer]) -> None:
     foreign = FederationPki.init(tmp_path / "foreign", "demo")
@@ -337,4 +428,5 @@ def test_container_example_is_the_generated_config(tmp_path: Path) -> None:
             f"containers/mosquitto/{path.name} is stale: run `python -m shared.broker_acl`"
     assert "require_certificate true" in (shipped / "mosquitto.conf").read_text()
     assert "crlfile /mosquitto/certs/crl.pem" in (shipped / "mosquitto.conf").read_text(), "revoked sites must stay out"
-    assert acl_text() == (shipped / "acl").read_text()
+    assert acl_text(monitors=CONTAINER_MONITORS) == (shipped / "acl").read_text()
+    assert "user monitor-exporter" in (shipped / "acl").read_text(), "compose's exporter must be admitted"

@@ -5,15 +5,23 @@ from __future__ import annotations
 import base64
 import json
 
+from typing import Literal
+
 import pytest
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from shared.blobs import make_manifest
 from shared.codec import CompressionSettings
 from shared.protocol import (
     DEFAULT_LOCAL_STEPS,
+    ERROR_CODES,
     MAX_CONTROL_MESSAGE_BYTES,
     MESSAGE_TYPES,
+    AgentResources,
+    Alert,
+    AlertState,
+    DataSummary,
+    ErrorInfo,
     BlobManifest,
     ChunkRequest,
     EvalMetrics,
@@ -23,6 +31,7 @@ from shared.protocol import (
     OrchestratorStatus,
     ProtocolError,
     RoundCommand,
+    RoundProgress,
     RoundSummary,
     SealedShares,
     SecAggAdvert,
@@ -65,15 +74,28 @@ def _examples() -> dict[str, Message]:
                          accepted=False, reason="late"),
         "chunk_request": ChunkRequest(federation=FED, sender="site-a", blob_id=MANIFEST.blob_id, indices=[0, 2]),
         "status": SiteStatus(federation=FED, sender="site-a", state="training", agent_version="1.0",
-                             model_version=2, round_id="r3a1", num_samples=120, detail="round 3"),
+                             model_version=2, round_id="r3a1", num_samples=120, detail="round 3",
+                             connected_at=1e9, heartbeat_at=1e9 + 5, heartbeat_seconds=10.0,
+                             active_model_version=2, candidate_model_version=3,
+                             progress=RoundProgress(round_id="r3a1", round=3, rounds_total=20, phase="training",
+                                                    steps_done=40, steps_total=100),
+                             last_error=ErrorInfo.of("data.invalid", "label 'maybe' is not 0 or 1", round_id="r2a1"),
+                             data=DataSummary(rows_train=120, rows_test=30, schema_hash="0123456789abcdef",
+                                              label_counts={"0": 70, "1": 50}),
+                             resources=AgentResources(cpu_percent=12.5, rss_bytes=200_000_000,
+                                                      disk_free_bytes=10**10)),
         "orch_status": OrchestratorStatus(federation=FED, sender="orchestrator", state="collecting", round=3,
                                           attempt=1, round_id="r3a1", model_version=2, selected=["site-a"],
-                                          reported=[], deadline=1e9),
+                                          reported=[], deadline=1e9, rounds_total=20, kind="train",
+                                          started_at=1e9 - 10),
         "model": ModelPublished(federation=FED, sender="orchestrator", version=3, sha256=MANIFEST.blob_id,
                                 parent=2, round=3, contributors={"site-a": 120}),
         "round_summary": RoundSummary(federation=FED, sender="orchestrator", round=3, evaluated_version=2,
                                       new_version=3, site_metrics={"site-a": metrics}, pooled=metrics,
                                       bytes_down=1000, bytes_up=2000, seconds={"train": 1.5}),
+        "alerts": AlertState(federation=FED, sender="orchestrator", alerts=[
+            Alert(id="site_offline:site-a", kind="site_offline", severity="critical", site="site-a",
+                  message="site-a offline for 75 s", action="check the agent at site-a", since=1e9)]),
         "secagg_advert": SecAggAdvert(federation=FED, sender="site-a", round_id="r3a1", keys=KEYS),
         "secagg_roster": SecAggRoster(federation=FED, sender="orchestrator", round_id="r3a1", keys=[KEYS]),
         "secagg_shares": SecAggShares(federation=FED, sender="site-a", round_id="r3a1",
@@ -268,3 +290,79 @@ def test_orchestrator_status_refusals_stay_readable_by_earlier_and_later_release
     assert parse_message(counted.to_bytes()).refusals == {"site-h": {"rate_limited": 3, "update_too_large": 1}}
     later = {**json.loads(counted.to_bytes()), "added_by_a_later_release": {"x": 1}}
     assert parse_message(json.dumps(later).encode()) == counted
+
+
+SCHEMA_1_STATUS = {"protocol": 1, "msg_id": "0123456789abcdef", "federation": FED, "sender": "site-a",
+                   "sent_at": 1e9, "type": "status", "state": "idle", "agent_version": "0.9", "model_version": 4,
+                   "round_id": None, "num_samples": 120, "detail": "", "privacy": None}
+"""A status as the agent published it before schema 2 (no new field, no schema_version)."""
+
+
+def test_schema_1_site_status_parses_in_the_schema_2_reader() -> None:
+    status = parse_message(json.dumps(SCHEMA_1_STATUS).encode())
+    assert isinstance(status, SiteStatus)
+    assert status.schema_version == 1
+    assert (status.state, status.model_version, status.num_samples) == ("idle", 4, 120)
+    assert status.heartbeat_at is None and status.progress is None and status.last_error is None
+    assert status.data is None and status.resources is None and status.active_model_version is None
+    orch = {"protocol": 1, "msg_id": "0123456789abcdef", "federation": FED, "sender": "orchestrator",
+            "sent_at": 1e9, "type": "orch_status", "state": "collecting", "round": 2, "attempt": 1,
+            "round_id": "r2a1", "model_version": 1, "selected": ["site-a"], "reported": [], "deadline": 2e9,
+            "detail": ""}
+    parsed = parse_message(json.dumps(orch).encode())
+    assert isinstance(parsed, OrchestratorStatus)
+    assert (parsed.schema_version, parsed.rounds_total, parsed.kind, parsed.started_at) == (1, None, None, None)
+
+
+def test_schema_2_site_status_parses_in_a_reader_that_knows_only_schema_1() -> None:
+    """An older reader (its own model, ignoring unknown fields) takes what it knows from a newer status."""
+
+    class Schema1Reader(Message):
+        model_config = ConfigDict(extra="ignore", frozen=True)
+        type: Literal["status"]
+        state: str
+        agent_version: str
+        model_version: int | None = None
+        round_id: str | None = None
+        num_samples: int | None = None
+        detail: str = ""
+
+    new = _examples()["status"]
+    raw = json.loads(new.to_bytes())
+    assert raw["schema_version"] == 2 and raw["progress"]["steps_done"] == 40
+    old = Schema1Reader.model_validate_json(new.to_bytes())
+    assert (old.state, old.model_version, old.round_id, old.num_samples) == ("training", 2, "r3a1", 120)
+    # and this release, too, ignores what a later schema adds, at every level
+    raw["added_later"] = {"x": 1}
+    raw["progress"]["added_later"] = 1
+    raw["last_error"]["added_later"] = "y"
+    assert parse_message(json.dumps(raw).encode()) == new
+
+
+def test_site_status_leaves_empty_fields_out_of_the_wire() -> None:
+    """A status without news stays small: what is None is not sent (a reader gets the same default)."""
+    will = SiteStatus(federation=FED, sender="site-a", state="offline", agent_version="1.0", connected_at=1e9,
+                      heartbeat_seconds=10.0)
+    raw = json.loads(will.to_bytes())
+    assert "heartbeat_at" not in raw and "progress" not in raw and raw["connected_at"] == 1e9
+    parsed = parse_message(will.to_bytes())
+    assert parsed == will and parsed.heartbeat_at is None
+
+
+def test_error_codes_have_actions_and_unknown_codes_still_parse() -> None:
+    for code in ("data.invalid", "data.unreadable", "training.failed", "model.unusable", "model.download_failed",
+                 "update.refused", "privacy.floor", "privacy.budget_spent", "secagg.failed", "agent.internal"):
+        assert ERROR_CODES[code]
+        assert ErrorInfo.of(code, "x").action == ERROR_CODES[code]
+    raw = json.loads(_examples()["status"].to_bytes())
+    raw["last_error"]["code"] = "code.of_a_later_release"
+    assert parse_message(json.dumps(raw).encode()).last_error.code == "code.of_a_later_release"
+
+
+def test_alert_state_ignores_later_fields_and_names_bad_kinds() -> None:
+    alerts = _examples()["alerts"]
+    raw = json.loads(alerts.to_bytes())
+    raw["alerts"][0]["added_later"] = 1
+    assert parse_message(json.dumps(raw).encode()) == alerts
+    raw["alerts"][0]["kind"] = "gossip"
+    assert "alerts.0.kind" in _parse_error(raw)
