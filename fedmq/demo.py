@@ -294,15 +294,18 @@ def _print_summary(summary: dict, console: Console) -> None:
     console.print(table)
 
 
-def _print_next_steps(root: Path, summary: dict, console: Console) -> None:
-    """The commands that read what the demo left behind (its broker is gone, so not ``fedmq status``)."""
+def next_steps(root: Path, final_version: int | None) -> list[str]:
+    """The commands that read what the demo left in ``root`` (its broker is gone, so not ``fedmq status``)."""
     orch = shlex.quote(str(root / "orchestrator"))
-    version = summary["final_model_version"] if summary["final_model_version"] is not None else 0
+    return [f"fedmq report --state-dir {orch} --out fedmq-demo-report.html",
+            f"fedmq models list --state-dir {orch}",
+            f"fedmq models show {final_version or 0} --state-dir {orch}"]
+
+
+def _print_next_steps(root: Path, summary: dict, console: Console) -> None:
     console.print(f"\nThe federation's state stays in {root} (registry, round journal, one log per process). "
-                  "Try:", highlight=False)
-    for command in (f"fedmq report --state-dir {orch} --out fedmq-demo-report.html",
-                    f"fedmq models list --state-dir {orch}",
-                    f"fedmq models show {version} --state-dir {orch}"):
+                  "Try:", highlight=False, markup=False, soft_wrap=True)
+    for command in next_steps(root, summary["final_model_version"]):
         console.print(f"  {command}", highlight=False, markup=False, soft_wrap=True)
-    console.print("`fedmq status` reads a live broker: the demo's stopped with it (run `fedmq demo --broker URL` "
-                  "against a broker of your own to keep one).", highlight=False, markup=False)
+    console.print("(`fedmq status` reads a live broker, and the demo's stopped with it: run `fedmq demo --broker URL` "
+                  "against a broker of your own to keep one.)", highlight=False, markup=False, soft_wrap=True)
