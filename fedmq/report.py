@@ -109,8 +109,9 @@ def load_history(state_dir: Path) -> History:
         try:
             summaries.append(RoundSummary.model_validate_json(text))
         except ValidationError as e:
-            why = f"a stored round summary does not read as this fedmq's RoundSummary ({e.error_count()} errors)"
-            log.warning("%s; that round is left out of the bytes and time plots", why)
+            why = (f"a stored round summary does not read as this fedmq's RoundSummary ({e.error_count()} errors): "
+                   "that round is left out of the bytes and time plots; if a newer fedmq wrote it, report with that")
+            log.warning("%s", why)
             unreadable.append(why)
     return History(root, versions, summaries, failed, unreadable)
 
@@ -373,7 +374,7 @@ def summary_line(history: History) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = "".join(f"<th{' class=num' if i in numeric else ''}>{html.escape(h)}</th>" for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{html.escape(c)}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -399,7 +400,7 @@ def rounds_table(history: History) -> str:
     metric = history.metric or "loss"
     rows = [[_round_label(s).replace("\n", " "), f"v{s.evaluated_version}",
              f"v{s.new_version}" if s.new_version is not None else "–", _fmt(_value(s.pooled, metric)),
-             _size(s.bytes_down), _size(s.bytes_up), _fmt(s.seconds.get("wall"), 1)] for s in history.summaries]
+             _size(s.bytes_down), _size(s.bytes_up), _fmt(s.seconds.get("wall"), 2)] for s in history.summaries]
     return _table(["round", "evaluated", "produced", f"pooled {metric}", "bytes down", "bytes up", "wall s"], rows,
                   numeric={3, 4, 5, 6})
 
@@ -415,7 +416,7 @@ img{display:block;max-width:100%;height:auto}
 .caption,.note{color:#55606c;font-size:13px;margin:8px 0 0}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eceef1;vertical-align:top}
-th{background:#f7f8fa;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f7f8fa;font-weight:600}.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 

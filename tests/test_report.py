@@ -27,7 +27,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from fedmq.cli import app
-from fedmq.demo import MARKER, DemoOptions, heart_settings, next_steps, prepare_state_dir
+from fedmq.demo import MARKER, DemoOptions, _print_summary, heart_settings, next_steps, prepare_state_dir
 from fedmq.inprocess import round_summaries, run_federation
 from orchestrator.architectures import build_onnx
 from orchestrator.journal import RoundJournal
@@ -165,7 +165,10 @@ def private_registry(tmp_path: Path) -> Path:
     root = tmp_path / "private"
     conn = open_database(root / "orchestrator.sqlite")
     registry = ModelRegistry(conn, BlobStore(root / "blobs"))
-    RoundJournal(conn)
+    journal = RoundJournal(conn)
+    journal.begin(round_id="p-r1-a1", round=1, attempt=1, kind="train", base_version=0, selected=["a", "b"],
+                  training={}, deadline=0.0)
+    journal.fail("p-r1-a1", "quorum not reached")
     with conn:
         registry.add_version(build_onnx("logreg", num_features=13, num_outputs=1, seed=0), parent=None, round=None,
                              contributors={}, strategy={"name": "dp_fedavg"}, training={}, note="initial")
@@ -191,6 +194,7 @@ def test_report_of_a_private_registry_without_round_summaries(private_registry: 
     assert result.exit_code == 0, result.output
     page = out.read_text()
     assert [name for name, _ in _images(page)] == ["metric", "privacy", "timeline"]
+    assert "2 training rounds · 1 failed attempt retried · final version v2" in page
     assert "No round summary is stored, so there are no bytes or round-time plots" in page
     assert "pooled test accuracy 0.625 over 40 examples from 2 sites" in page  # v2: (8 + 17) / 40, by counts
     assert "ε = 3.75 at δ = 1e-05" in page and "<td class=num>3.75</td>" in page
@@ -289,3 +293,15 @@ def test_the_commands_the_demo_suggests_work_on_its_state(federation, tmp_path: 
     assert (tmp_path / "fedmq-demo-report.html").is_file()
     assert json.loads(result.stdout)["version"] == ROUNDS
 
+
+
+def test_demo_summary_title_starts_on_its_own_line_when_piped() -> None:
+    """Piped, the live view's last frame ends without a newline; the summary must not glue onto its border."""
+    out = io.StringIO()
+    console = Console(file=out, width=100)  # not a terminal, as when piped
+    console.print("└────┘", end="")
+    _print_summary({"rounds": 2, "final_model_version": 2, "pooled_test_accuracy": 0.75,
+                    "per_site_test_accuracy": {"va": 0.5}, "bytes_down": 2048, "bytes_up": 4096,
+                    "wall_seconds": 3.0}, console)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "└────┘" and lines[1].strip() == "federation summary", lines[:3]
