@@ -164,13 +164,15 @@ def prepare_state_dir(root: Path, console: Console) -> None:
             raise RuntimeError(f"{root} is not empty and holds no earlier demo's state ({MARKER}); nothing there is "
                                "moved or deleted: choose another --state-dir, or empty that directory")
         previous = root.with_name(root.name + ".previous")
-        if previous.exists():
+        replaced = previous.exists()
+        if replaced:
             if not (previous / MARKER).is_file():
                 raise RuntimeError(f"{previous} exists and is not an earlier demo's state: move it away, or choose "
                                    "another --state-dir")
             shutil.rmtree(previous)
         root.rename(previous)
-        console.print(f"moved the previous demo's state to {previous} (the one before it is deleted)")
+        console.print(f"moved the previous demo's state to {previous}"
+                      + (" (replacing the one from the run before)" if replaced else ""))
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text(json.dumps({"federation": FEDERATION, "started_at": time.time()}) + "\n")
 
