@@ -256,10 +256,28 @@ def exporter(config: Optional[Path] = ConfigOption, broker: Optional[str] = Brok
 
 
 @app.command()
+def report(state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="The orchestrator's state directory "
+                                                    "(also FEDMQ_STATE_DIR), or the demo's."),
+           out: Path = typer.Option(Path("report.html"), help="Where to write the HTML page."),
+           png_dir: Optional[Path] = typer.Option(None, help="Also write each plot as a PNG file here.")) -> None:
+    """How the federation learned: one self-contained HTML page of plots and tables, from the state dir alone."""
+    from fedmq.report import ReportError, write_report
+    from shared.config import CommonSettings
+
+    setup_logging("WARNING")
+    try:
+        write_report(state_dir or CommonSettings().state_dir, out, png_dir,
+                     progress=lambda line: console.print(line, highlight=False, markup=False))
+    except ReportError as e:
+        _fail(str(e))
+
+
+@app.command()
 def demo(rounds: int = typer.Option(15, help="Training rounds."),
          broker: Optional[str] = typer.Option(None, help="Use this broker instead of starting one."),
          summary_json: Optional[Path] = typer.Option(None, help="Write the final figures here as JSON."),
-         state_dir: Optional[Path] = typer.Option(None, help="Keep all state here (default: a temp dir)."),
+         state_dir: Path = typer.Option(Path("fedmq-demo-state"), help="Keep the federation's state here; an "
+                                        "earlier demo's state there is moved to DIR.previous."),
          learning_rate: float = typer.Option(0.005, help="Local SGD learning rate."),
          local_steps: int = typer.Option(100, help="Local SGD steps per round."),
          batch_size: int = typer.Option(4, help="Local batch size."),

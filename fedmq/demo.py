@@ -2,7 +2,9 @@
 
 Each hospital runs as its own process with only its own Heart Disease CSVs, exactly as it
 would in its own container; the demo itself is just an operator: it reads the federation's
-MQTT topics (statuses, round summaries) and draws them.
+MQTT topics (statuses, round summaries) and draws them. Its state (registry, journal, the
+sites' state, logs) stays in a directory it names (``./fedmq-demo-state`` by default) for
+``fedmq report`` and ``fedmq models`` to read afterwards.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +37,15 @@ DATA_DIR = Path(__file__).resolve().parent / "data" / "heart_disease"
 HOSPITALS = {"cleveland": "Cleveland Clinic", "hungary": "Hungarian Inst. of Cardiology",
              "switzerland": "Univ. Hospitals Zurich & Basel", "va": "VA Long Beach"}
 FEDERATION = "heart-demo"
+DEFAULT_STATE_DIR = Path("fedmq-demo-state")
+MARKER = "fedmq-demo.json"  # what makes a directory a demo's state, which a rerun may move aside
 
 
 @dataclass
 class DemoOptions:
     rounds: int = 15
     broker_url: str | None = None
-    state_dir: Path | None = None
+    state_dir: Path = DEFAULT_STATE_DIR
     learning_rate: float = 0.005
     local_steps: int = 100
     batch_size: int = 4
@@ -147,12 +152,40 @@ def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
 
 
+def prepare_state_dir(root: Path, console: Console) -> None:
+    """Make ``root`` an empty demo state dir; an earlier demo's state there is moved to ``<root>.previous``.
+
+    A rerun starts a fresh federation (a registry carried over would make it resume at its
+    last round) but keeps the last run for comparison; a directory the demo did not create
+    is neither moved nor deleted.
+    """
+    if root.exists() and any(root.iterdir()):
+        if not (root / MARKER).is_file():
+            raise RuntimeError(f"{root} is not empty and holds no earlier demo's state ({MARKER}); nothing there is "
+                               "moved or deleted: choose another --state-dir, or empty that directory")
+        previous = root.with_name(root.name + ".previous")
+        replaced = previous.exists()
+        if replaced:
+            if not (previous / MARKER).is_file():
+                raise RuntimeError(f"{previous} exists and is not an earlier demo's state: move it away, or choose "
+                                   "another --state-dir")
+            shutil.rmtree(previous)
+        root.rename(previous)
+        console.print(f"moved the previous demo's state to {previous}"
+                      + (" (replacing the one from the run before)" if replaced else ""))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text(json.dumps({"federation": FEDERATION, "started_at": time.time()}) + "\n")
+
+
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
     """Run the whole federation; returns the summary figures (also shown as a table)."""
     console = console or Console()
-    tmp = tempfile.TemporaryDirectory(prefix="fedmq-demo-") if opts.state_dir is None else None
-    root = Path(tmp.name) if tmp else opts.state_dir
-    root.mkdir(parents=True, exist_ok=True)
+    root = opts.state_dir
+    try:
+        prepare_state_dir(root, console)
+    except OSError as e:
+        raise RuntimeError(f"cannot use {root} as the demo's state dir ({e}); choose another --state-dir") from None
+    console.print(f"keeping the federation's state in {root.resolve()}")
     broker: Broker | None = None
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
@@ -183,8 +216,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
             broker.stop()
     summary = _summary(view, opts, time.monotonic() - started)
     _print_summary(summary, console)
-    if tmp is not None:
-        tmp.cleanup()
+    _print_next_steps(root, summary, console)
     return summary
 
 
@@ -251,6 +283,7 @@ def _summary(view: _View, opts: DemoOptions, wall: float) -> dict:
 
 
 def _print_summary(summary: dict, console: Console) -> None:
+    console.line()  # the live view's last frame may end without a newline when piped
     table = Table("figure", "value", title="federation summary")
     acc = summary["pooled_test_accuracy"]
     table.add_row("rounds", str(summary["rounds"]))
@@ -261,3 +294,20 @@ def _print_summary(summary: dict, console: Console) -> None:
     table.add_row("bytes down / up", f"{_size(summary['bytes_down'])} / {_size(summary['bytes_up'])}")
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
     console.print(table)
+
+
+def next_steps(root: Path, final_version: int | None) -> list[str]:
+    """The commands that read what the demo left in ``root`` (its broker is gone, so not ``fedmq status``)."""
+    orch = shlex.quote(str(root / "orchestrator"))
+    return [f"fedmq report --state-dir {orch} --out fedmq-demo-report.html",
+            f"fedmq models list --state-dir {orch}",
+            f"fedmq models show {final_version or 0} --state-dir {orch}"]
+
+
+def _print_next_steps(root: Path, summary: dict, console: Console) -> None:
+    console.print(f"\nThe federation's state stays in {root} (registry, round journal, one log per process). "
+                  "Try:", highlight=False, markup=False, soft_wrap=True)
+    for command in next_steps(root, summary["final_model_version"]):
+        console.print(f"  {command}", highlight=False, markup=False, soft_wrap=True)
+    console.print("(`fedmq status` reads a live broker, and the demo's stopped with it: run `fedmq demo --broker URL` "
+                  "against a broker of your own to keep one.)", highlight=False, markup=False, soft_wrap=True)

@@ -2,7 +2,9 @@
 
 It lives in the registry's SQLite database so that a restarted orchestrator reopens the same
 attempt with the updates it had already stored, and so that closing a round and adding the
-version it produced are one transaction (no version lost, no round counted twice).
+version it produced are one transaction (no version lost, no round counted twice). A closed
+round also keeps the summary published for it (metrics, bytes each way, seconds), so that
+``fedmq report`` can draw the federation's history from the state directory alone.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from shared.protocol import UpdateReport
+from shared.protocol import RoundSummary, UpdateReport
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -27,7 +29,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     announced_at REAL NOT NULL,
     deadline REAL NOT NULL,
     result_version INTEGER,
-    detail TEXT NOT NULL DEFAULT ''
+    detail TEXT NOT NULL DEFAULT '',
+    summary TEXT
 );
 CREATE TABLE IF NOT EXISTS updates (
     round_id TEXT NOT NULL,
@@ -68,6 +71,13 @@ class RoundJournal:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the summary column that journals created by older versions lack (their rounds read as unsummarised)."""
+        if "summary" not in {row[1] for row in self.conn.execute("PRAGMA table_info(rounds)")}:
+            with self.conn:
+                self.conn.execute("ALTER TABLE rounds ADD COLUMN summary TEXT")
 
     _COLUMNS = ("round_id, round, attempt, kind, state, base_version, selected, training, announced_at, deadline,"
                 " result_version")
@@ -117,6 +127,27 @@ class RoundJournal:
         """Mark done; call inside the transaction that adds the version."""
         self.conn.execute("UPDATE rounds SET state='done', result_version=? WHERE round_id=?",
                           (result_version, round_id))
+
+    def record_summary(self, round_id: str, summary: RoundSummary) -> None:
+        """Keep what was published when the round closed: the report's only source for bytes and seconds."""
+        with self.conn:
+            self.conn.execute("UPDATE rounds SET summary=? WHERE round_id=?", (summary.model_dump_json(), round_id))
+
+    def summaries(self) -> list[str]:
+        """The stored summaries (JSON) of the closed rounds, in the order they were announced.
+
+        Returned unparsed: a reader validates each one itself, so one it cannot read (written by
+        a newer fedmq, or damaged) costs that round only.
+        """
+        rows = self.conn.execute("SELECT summary FROM rounds WHERE state='done' AND summary IS NOT NULL "
+                                 "ORDER BY announced_at").fetchall()
+        return [r[0] for r in rows]
+
+    def failed(self) -> list[RoundRecord]:
+        """Every attempt that missed its quorum or failed, oldest first (retried as a new attempt)."""
+        rows = self.conn.execute(f"SELECT {self._COLUMNS} FROM rounds WHERE state='failed' ORDER BY announced_at"
+                                 ).fetchall()
+        return [self._record(r) for r in rows]
 
     def add_update(self, round_id: str, site: str, blob: str | None, report: UpdateReport) -> bool:
         """Record an update; False when this site's update for the round was already stored."""

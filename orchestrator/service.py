@@ -414,6 +414,7 @@ class OrchestratorService:
                            pooled=pool_metrics(site_metrics), personalized_metrics=personalized,
                            personalized_pooled=pool_metrics(personalized), bytes_down=sent - self._traffic_mark[0],
                            bytes_up=received - self._traffic_mark[1], seconds=seconds, privacy=privacy)
+        self.journal.record_summary(record.round_id, msg)  # for `fedmq report`: the topic keeps only the last one
         self._publish_retained(self.topics.round_summary, msg.to_bytes())
         self.alerts.round_summary(msg)
 
