@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shared.config import CommonSettings
-from shared.protocol import (Alert, AlertState, Message, ModelPublished, OrchestratorStatus, ProtocolError, RoundSummary,
-                             SiteStatus, parse_message)
+from shared.protocol import (Alert, AlertState, Message, ModelPublished, OrchestratorStatus, ProtocolError,
+                             RoundSummary, SiteStatus, parse_message)
 from shared.topics import Topics
 from shared.transport import Transport
 
@@ -114,6 +114,11 @@ class FleetView:
     def rounds(self) -> list[RoundSummary]:
         """Round summaries in the order of the versions they evaluated (a version is evaluated once)."""
         return [self.summaries[v] for v in sorted(self.summaries)]
+
+    def final_summary(self) -> RoundSummary | None:
+        """The evaluation of the last version after the last round (it creates no new version)."""
+        finals = [s for s in self.summaries.values() if s.new_version is None]
+        return max(finals, key=lambda s: s.evaluated_version) if finals else None
 
     def problems(self, now: float) -> list[str]:
         """What is wrong, one sentence each with what to check; empty when all is well (exit code 0)."""

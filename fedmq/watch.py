@@ -18,7 +18,7 @@ import tty
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -31,6 +31,9 @@ from shared.protocol import EvalMetrics, RoundProgress, RoundSummary
 HEALTH_STYLE = {"up": "green", "error": "bold red", "offline": "red"}
 ROUNDS_SHOWN = 10
 REFRESH_SECONDS = 0.25
+WIDE_SITES = 110  # columns from which the sites table also shows hospital names and agent versions
+ROUNDS_BASE_WIDTH = 30  # version, round and pooled columns with borders
+ROUNDS_TRAFFIC_WIDTH = 34  # down, up and wall columns
 
 
 def size(n: int) -> str:
@@ -121,14 +124,21 @@ def _error_cell(row: SiteRow) -> RenderableType:
     return text
 
 
-def sites_table(view: FleetView, now: float, *, bars: bool, names: Mapping[str, str] | None = None) -> Table:
-    """One row per site: health and state, agent version, model, round progress, last seen, last error."""
+def sites_table(view: FleetView, now: float, *, bars: bool, width: int,
+                names: Mapping[str, str] | None = None) -> Table:
+    """One row per site: health and state, agent version, model, round progress, last seen, last error.
+
+    Narrower than WIDE_SITES columns, the hospital names and agent versions give their room
+    to progress and errors (``fedmq status --json`` has everything).
+    """
+    names = names if width >= WIDE_SITES else None
     table = Table(title="sites", title_justify="left", expand=bars)
     table.add_column("site", no_wrap=True)
     if names:
         table.add_column("hospital")
     table.add_column("state", no_wrap=True)
-    table.add_column("agent")
+    if width >= WIDE_SITES:
+        table.add_column("agent")
     table.add_column("model", no_wrap=True)
     table.add_column("round progress", ratio=2 if bars else None)
     table.add_column("last seen")
@@ -142,12 +152,13 @@ def sites_table(view: FleetView, now: float, *, bars: bool, names: Mapping[str, 
         cells: list[RenderableType] = [row.site]
         if names:
             cells.append(names.get(row.site, ""))
-        cells += [health, row.status.agent_version, _model_cell(row), _progress_cell(row, view, bars),
-                  last_seen(row, now), _error_cell(row)]
+        cells.append(health)
+        if width >= WIDE_SITES:
+            cells.append(row.status.agent_version)
+        cells += [_model_cell(row), _progress_cell(row, view, bars), last_seen(row, now), _error_cell(row)]
         table.add_row(*cells)
     for site in sorted(set(names or {}) - known):
-        table.add_row(site, *([names[site]] if names else []), Text("no status yet", style="dim"),
-                      *[""] * 5)
+        table.add_row(site, *([names[site]] if names else []), Text("no status yet", style="dim"))
     return table
 
 
@@ -189,19 +200,25 @@ def _metric(m: EvalMetrics | None) -> str:
     return f"{m.accuracy:.3f}" if m.accuracy is not None else f"loss {m.loss:.3g}"
 
 
-def rounds_table(summaries: list[RoundSummary], sites: list[str], shown: int = ROUNDS_SHOWN) -> Table:
-    """Accuracy per evaluated version (the last ``shown``): pooled and per site, with traffic and time.
+def rounds_table(summaries: list[RoundSummary], sites: list[str], *, width: int, shown: int = ROUNDS_SHOWN) -> Table:
+    """Accuracy per evaluated version (the last ``shown``): pooled, per site and traffic as the width allows.
 
     Rows are labelled by the version evaluated: round r scores version r-1 before training it,
     and the final evaluation scores the last version.
     """
+    site_columns = sum(max(len(site), 5) + 3 for site in sites)
+    with_sites = ROUNDS_BASE_WIDTH + site_columns <= width
+    with_traffic = ROUNDS_BASE_WIDTH + site_columns * with_sites + ROUNDS_TRAFFIC_WIDTH <= width
+    shown_sites = sites if with_sites else []
     table = Table(title="accuracy by version", title_justify="left")
-    for name in ("version", "round", "pooled", *sites, "down", "up", "wall"):
-        table.add_column(name, justify="left" if name in ("version", "round") else "right")
+    for name in ("version", "round", "pooled", *shown_sites, *(("down", "up", "wall") if with_traffic else ())):
+        table.add_column(name, justify="left" if name in ("version", "round") else "right", no_wrap=True)
     for s in summaries[-shown:]:
-        table.add_row(f"v{s.evaluated_version}", "final" if s.new_version is None else str(s.round),
-                      _metric(s.pooled), *[_metric(s.site_metrics.get(site)) for site in sites],
-                      size(s.bytes_down), size(s.bytes_up), f"{s.seconds.get('wall', 0.0):.1f}s")
+        cells = [f"v{s.evaluated_version}", "final" if s.new_version is None else str(s.round), _metric(s.pooled),
+                 *[_metric(s.site_metrics.get(site)) for site in shown_sites]]
+        if with_traffic:
+            cells += [size(s.bytes_down), size(s.bytes_up), f"{s.seconds.get('wall', 0.0):.1f}s"]
+        table.add_row(*cells)
     return table
 
 
@@ -218,35 +235,54 @@ def alerts_renderable(view: FleetView) -> RenderableType:
     return table
 
 
-def status_renderable(view: FleetView, now: float) -> Group:
+class Fitted:
+    """A renderable built at render time for the width it gets: a resized terminal gets its own layout."""
+
+    def __init__(self, build: Callable[[int], RenderableType]) -> None:
+        self.build = build
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.build(options.max_width)
+
+
+def status_renderable(view: FleetView, now: float) -> Fitted:
     """What ``fedmq status`` prints: the orchestrator line, the sites table, the last round, alerts, problems."""
-    parts: list[RenderableType] = [orchestrator_line(view, now), Text(""), sites_table(view, now, bars=False)]
-    rounds = view.rounds()
-    if rounds:
-        parts += [Text(""), rounds_table(rounds, sorted(view.sites), shown=1)]
-    parts += [Text(""), alerts_renderable(view)]
-    problems = view.problems(now)
-    if problems:
-        parts.append(Text(""))
-        parts += [Text(f"✗ {p}", style="red") for p in problems]
-    else:
-        parts.append(Text("✓ all sites up, no critical alert", style="green"))
-    return Group(*parts)
+
+    def build(width: int) -> Group:
+        parts: list[RenderableType] = [orchestrator_line(view, now), Text(""),
+                                       sites_table(view, now, bars=False, width=width)]
+        rounds = view.rounds()
+        if rounds:
+            parts += [Text(""), rounds_table(rounds, sorted(view.sites), width=width, shown=1)]
+        parts += [Text(""), alerts_renderable(view)]
+        problems = view.problems(now)
+        if problems:
+            parts.append(Text(""))
+            parts += [Text(f"✗ {p}", style="red") for p in problems]
+        else:
+            parts.append(Text("✓ all sites up, no critical alert", style="green"))
+        return Group(*parts)
+
+    return Fitted(build)
 
 
 def watch_renderable(view: FleetView, now: float, *, header: str = "",
-                     names: Mapping[str, str] | None = None) -> Group:
+                     names: Mapping[str, str] | None = None) -> Fitted:
     """The live screen: header, orchestrator line, sites with progress bars, accuracy by version, alerts."""
     sites = sorted(set(view.sites) | set(names or {}))
-    parts: list[RenderableType] = []
-    if header:
-        parts.append(Text(header, style="bold"))
-    parts += [orchestrator_line(view, now), sites_table(view, now, bars=True, names=names)]
-    rounds = view.rounds()
-    if rounds:
-        parts.append(rounds_table(rounds, sites))
-    parts.append(alerts_renderable(view))
-    return Group(*parts)
+
+    def build(width: int) -> Group:
+        parts: list[RenderableType] = []
+        if header:
+            parts.append(Text(header, style="bold"))
+        parts += [orchestrator_line(view, now), sites_table(view, now, bars=True, width=width, names=names)]
+        rounds = view.rounds()
+        if rounds:
+            parts.append(rounds_table(rounds, sites, width=width))
+        parts.append(alerts_renderable(view))
+        return Group(*parts)
+
+    return Fitted(build)
 
 
 @contextmanager
@@ -274,6 +310,29 @@ def _keypresses() -> Iterator[Callable[[], str]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+@contextmanager
+def live_view(console: Console, frame: Callable[[], RenderableType], *, screen: bool) -> Iterator[Callable[[], None]]:
+    """Draw ``frame()`` live; yields ``draw()``, which redraws at most every REFRESH_SECONDS.
+
+    Each draw builds the frame anew at the console's current size (a resized terminal gets
+    its own layout). On leaving, the last frame is drawn once more, and piped output gets the
+    newline rich leaves out after it (what followed used to be glued to its bottom border).
+    """
+    next_draw = 0.0
+    with Live(frame(), console=console, screen=screen, auto_refresh=False, redirect_stderr=False) as live:
+
+        def draw() -> None:
+            nonlocal next_draw
+            if time.monotonic() >= next_draw:
+                live.update(frame(), refresh=True)
+                next_draw = time.monotonic() + REFRESH_SECONDS
+
+        yield draw
+        live.update(frame(), refresh=True)
+    if not console.is_terminal:
+        console.line()
+
+
 def run_watch(settings: CommonSettings, console: Console, *, exit_when_finished: bool = False) -> None:
     """Draw the fleet live until q, Ctrl-C or (with ``exit_when_finished``) the federation's end.
 
@@ -285,22 +344,18 @@ def run_watch(settings: CommonSettings, console: Console, *, exit_when_finished:
     with FleetReader(settings) as reader:
         view = reader.view
 
-        def frame() -> Group:
+        def frame() -> Fitted:
             state = "" if reader.transport.connected.is_set() else " · BROKER LOST, reconnecting"
             return watch_renderable(view, time.time(), header=f"{header} · {time.strftime('%H:%M:%S')}{state}")
 
         try:
-            with _keypresses() as keys, Live(frame(), console=console, screen=True, auto_refresh=False,
-                                             redirect_stderr=False) as live:
-                next_draw = 0.0
+            with _keypresses() as keys, live_view(console, frame, screen=True) as draw:
                 while "q" not in keys().lower():
                     while reader.poll(0.05):  # drain what arrived, then draw once
                         pass
                     if exit_when_finished and view.finished():
                         break
-                    if time.monotonic() >= next_draw:
-                        live.update(frame(), refresh=True)
-                        next_draw = time.monotonic() + REFRESH_SECONDS
+                    draw()
         except KeyboardInterrupt:
             return
         if exit_when_finished and view.finished():
