@@ -1,7 +1,9 @@
 """The edge agent daemon: one hospital's outbound-only participant in a federation.
 
 It connects out to the broker (nothing listens at the hospital), announces itself on a
-retained status topic with a last will that marks it offline, and follows the
+retained status topic with a last will that marks it offline (the monitoring contract of
+docs/monitoring.md: heartbeat, round progress, last error with a code, data summary,
+resources), and follows the
 orchestrator's retained round command: fetch the model (verified by sha256), score it on
 the local test set, train on local data, send the update, keep it until acknowledged.
 A restarted agent resends an unacknowledged update instead of losing or redoing its work.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import threading
 import time
 import zlib
@@ -28,7 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
-from edge_agent.data import DataError, LocalDataset, count_rows, load_dataset
+from edge_agent.data import DataError, LocalDataset, load_dataset, summarize
 from edge_agent.secure_update import SecureUpdate, SecureUpdateError, SiteIdentity
 from edge_agent.state import AgentState
 from edge_agent.trainer import DPSGDConfig, TrainingError, check_private_training, evaluate, finetune, warm_up, \
@@ -43,9 +46,9 @@ from shared.onnx_model import (float_initializers, load_model_bytes, model_to_by
                                unpack_model)
 from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
 from shared.privacy.secagg_layout import MASKED_MEDIA_TYPE, UpdateLayout, quantize_update, site_weight
-from shared.protocol import (ChunkRequest, EvalMetrics, PrivacySpent, ProtocolError, RoundCommand, SecAggRoster,
-                             SecAggShares, SecAggUnmask, SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck,
-                             UpdateReport, parse_message)
+from shared.protocol import (AgentResources, BlobManifest, ChunkRequest, ErrorInfo, EvalMetrics, OrchestratorStatus, PrivacySpent,
+                             ProtocolError, RoundCommand, RoundProgress, SecAggRoster, SecAggShares, SecAggUnmask,
+                             SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport, parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 UPDATE_MEDIA_TYPE = "application/x-fedmq-tensors"
 CLOCK_SKEW_GRACE = 120.0  # seconds a hospital clock may lag the orchestrator's before a round counts as over
+PROGRESS_PHASES = ("downloading", "evaluating", "training", "uploading")
 
 try:
     AGENT_VERSION = version("fedmq")
@@ -73,8 +77,19 @@ class EdgeAgent:
         self.state = AgentState(settings.state_dir)
         self.command: RoundCommand | None = None
         self._data: tuple[TaskSpec, LocalDataset] | None = None
-        self._rows = count_rows(settings.data_train)
-        offline = self._status_message("offline")
+        self._summary = summarize(settings.data_train, settings.data_test, settings.label_column)
+        self._rows = self._summary.rows_train if self._summary else None
+        # Monitoring (docs/monitoring.md). The last will is built now, before connecting: it says
+        # when this process started its connection, and has no heartbeat (its time of death is unknown).
+        self.connected_at = time.time()
+        self._progress: RoundProgress | None = None
+        self._last_error: ErrorInfo | None = None
+        self._rounds_total: int | None = None  # from the orchestrator's retained status
+        self._status_published = -float("inf")
+        self._cpu_sample = (time.monotonic(), time.process_time())
+        self._round_notes: list[str] = []  # what this round did, for its one log line
+        self._fetching: BlobManifest | None = None  # the model blob being downloaded, for its progress
+        offline = self._status_message("offline", will=True)
         self.transport = Transport(settings, f"fedmq-{settings.federation}-{self.site}",
                                    will=(self.topics.site(self.site, "status"), offline.to_bytes()),
                                    max_message_bytes=settings.chunk_size + 65536)
@@ -100,6 +115,7 @@ class EdgeAgent:
         t.subscribe(self.topics.round)
         t.subscribe(self.topics.broadcast_chunks)
         t.subscribe(self.topics.secagg)
+        t.subscribe(self.topics.orchestrator_status)  # "round 4 of 20" in this site's status and log
         t.subscribe(self.topics.to_site_all(self.site))
         # A hospital server may boot before its network or the broker: the transport keeps
         # trying (and says so); the status below goes out once it is connected.
@@ -144,6 +160,8 @@ class EdgeAgent:
             self._write_heartbeat(self.transport.connected.is_set())
         if not self.transport.connected.is_set():
             return  # resends and chunk requests made while cut off would all arrive at once
+        if now - self._status_published >= self.settings.heartbeat_seconds:
+            self.set_status(self.current_state, self._status_detail)  # the heartbeat monitors see
         if self._ack_due is not None and now > self._ack_due:
             log.warning("no acknowledgement for our update yet; sending it again")
             self._publish_pending()
@@ -161,21 +179,70 @@ class EdgeAgent:
                                    "model_version": self.state.record.model_version}))
         os.replace(tmp, path)
 
-    def _status_message(self, state: SiteState, detail: str = "") -> SiteStatus:
+    def _status_message(self, state: SiteState, detail: str = "", *, will: bool = False) -> SiteStatus:
+        """This site's retained status; ``will``: the last will, which has no heartbeat and no resources."""
+        active = self.state.record.model_version
+        cmd = self.command
         return SiteStatus(federation=self.settings.federation, sender=self.site, state=state,
-                          agent_version=AGENT_VERSION, model_version=self.state.record.model_version,
-                          round_id=self.command.round_id if self.command else None,
+                          agent_version=AGENT_VERSION, model_version=active,
+                          round_id=cmd.round_id if cmd else None,
                           num_samples=self._data[1].num_train if self._data else self._rows, detail=detail,
-                          privacy=self._sample_privacy())
+                          privacy=self._sample_privacy(), connected_at=self.connected_at,
+                          heartbeat_at=None if will else time.time(),
+                          heartbeat_seconds=self.settings.heartbeat_seconds, active_model_version=active,
+                          candidate_model_version=cmd.model_version if cmd and cmd.model_version != active else None,
+                          progress=self._progress if state in PROGRESS_PHASES else None,
+                          last_error=self._last_error, data=self._summary,
+                          resources=None if will else self._resources())
+
+    def _resources(self) -> AgentResources:
+        """CPU used since the previous status (percent of one core), resident memory, free disk of the state dir."""
+        wall, cpu = time.monotonic(), time.process_time()
+        last_wall, last_cpu = self._cpu_sample
+        self._cpu_sample = (wall, cpu)
+        percent = 100.0 * (cpu - last_cpu) / (wall - last_wall) if wall > last_wall else 0.0
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):  # not Linux: the peak is what the stdlib offers
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        try:
+            disk = os.statvfs(self.settings.state_dir)
+            free = disk.f_bavail * disk.f_frsize
+        except OSError:
+            free = 0
+        return AgentResources(cpu_percent=max(0.0, percent), rss_bytes=rss, disk_free_bytes=free)
 
     def _sample_privacy(self) -> PrivacySpent | None:
         """What this site's DP-SGD has spent so far (None when it does not use DP-SGD)."""
         return self.state.record.dp_sgd_spent if self.settings.dp_sgd else None
 
     def set_status(self, state: SiteState, detail: str = "") -> None:
+        """Publish this site's retained status; a state that is not a round phase ends the round's progress."""
+        if self._progress is not None and self._progress.phase != state:
+            self._progress = None
         self.current_state, self._status_detail = state, detail
+        self._status_published = time.monotonic()
         self.transport.publish(self.topics.site(self.site, "status"), self._status_message(state, detail).to_bytes(),
                                retain=True)
+
+    def _report_progress(self, progress: RoundProgress, detail: str, *, force: bool = False) -> None:
+        """Show how far the round's phase is; at most one status per ``progress_interval`` unless ``force``."""
+        self._progress = progress
+        if force or time.monotonic() - self._status_published >= self.settings.progress_interval:
+            self.set_status(progress.phase, detail)
+
+    def _progress_of(self, cmd: RoundCommand | UpdateReport, phase: str, **counts: int) -> RoundProgress:
+        return RoundProgress(round_id=cmd.round_id, round=cmd.round, rounds_total=self._rounds_total, phase=phase,
+                             **counts)
+
+    def _fail(self, code: str, message: str, round_id: str | None) -> None:
+        """Report an error on the status, with its stable code and what to do (``ERROR_CODES``)."""
+        self._last_error = ErrorInfo.of(code, message[:2000], round_id)
+        self.set_status("error", message)
+
+    def _round_name(self, round_no: int) -> str:
+        return f"round {round_no}/{self._rounds_total}" if self._rounds_total else f"round {round_no}"
 
     # routing --------------------------------------------------------------------------------
     def handle(self, msg: Incoming) -> None:
@@ -197,6 +264,8 @@ class EdgeAgent:
                 self._on_chunk_request(message)
             elif isinstance(message, SecAggRoster | SecAggShares | SecAggUnmask):
                 self._on_secure_step(message)
+            elif isinstance(message, OrchestratorStatus) and message.rounds_total is not None:
+                self._rounds_total = message.rounds_total
         except (ProtocolError, ChunkError) as e:
             self.rejected += 1
             log.warning("rejected a message on %s: %s", msg.topic, e)
@@ -225,11 +294,15 @@ class EdgeAgent:
             return
         self.command = cmd
         if cmd.model_sha256 in self.state.blobs:
+            self._round_notes = [f"model v{cmd.model_version} (held already)"]
             self._run_round()
             return
-        self.set_status("downloading", f"model v{cmd.model_version}")
         delta = cmd.model_delta
         if delta is not None and delta.base_sha256 in self.state.blobs:
+            self._round_notes = [f"model v{cmd.model_version} (delta {_kb(delta.blob.size)})"]
+            self._fetching = delta.blob
+            self._report_progress(self._progress_of(cmd, "downloading", bytes_total=delta.blob.size),
+                                  f"model v{cmd.model_version}", force=True)
             self._blob_complete(self.inbox.expect(delta.blob))
         else:
             self._fetch_full_model(cmd)
@@ -247,10 +320,21 @@ class EdgeAgent:
         if cmd.model_delta is not None:
             req = ChunkRequest(federation=self.settings.federation, sender=self.site, blob_id=cmd.model.blob_id)
             self.transport.publish(self.topics.site(self.site, "request"), req.to_bytes())
+        self._round_notes = [f"model v{cmd.model_version} (whole model {_kb(cmd.model.size)})"]
+        self._fetching = cmd.model
+        self._report_progress(self._progress_of(cmd, "downloading", bytes_total=cmd.model.size),
+                              f"model v{cmd.model_version}", force=True)
         self._blob_complete(self.inbox.expect(cmd.model))
 
     def _on_chunk(self, payload: bytes) -> None:
-        self._blob_complete(self.inbox.offer(payload))
+        blob_id = self.inbox.offer(payload)
+        fetching, progress = self._fetching, self._progress
+        if (blob_id is None and fetching is not None and progress is not None and progress.phase == "downloading"
+                and time.monotonic() - self._status_published >= self.settings.progress_interval):
+            missing = len(self.inbox.missing(fetching.blob_id)) * fetching.chunk_size
+            self._report_progress(progress.model_copy(update={"bytes_done": max(0, fetching.size - missing)}),
+                                  self._status_detail)
+        self._blob_complete(blob_id)
 
     def _blob_complete(self, blob_id: str | None) -> None:
         if blob_id is None:
@@ -298,10 +382,11 @@ class EdgeAgent:
             # A refused update was never applied: its residual must not move on either.
             (self.feedback.commit if ack.accepted else self.feedback.discard)(ack.round_id)
         if ack.accepted:
+            log.info("round %d: update accepted", pending.report.round)
             self.set_status("idle", f"update for {ack.round_id} accepted")
         else:
-            log.error("the orchestrator refused our update for %s: %s", ack.round_id, ack.reason)
-            self.set_status("error", f"update for {ack.round_id} refused: {ack.reason}")
+            log.error("round %d: update refused by the orchestrator: %s", pending.report.round, ack.reason)
+            self._fail("update.refused", f"update for {ack.round_id} refused: {ack.reason}", ack.round_id)
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             self._on_round(deferred)
@@ -325,6 +410,7 @@ class EdgeAgent:
                     update={"update": make_manifest(blob, MASKED_MEDIA_TYPE, self.settings.chunk_size)})
                 self.state.set_pending(report, blob)
                 self._publish_pending()
+                self._log_round(report.round, f"masked update {_kb(len(blob))} sent")
             elif self.site in message.survivors:
                 self.transport.publish(self.topics.site(self.site, "secagg"), session.on_unmask(message).to_bytes())
                 self.secure = None
@@ -334,7 +420,7 @@ class EdgeAgent:
         except SecureUpdateError as e:
             log.error("secure aggregation, round %s: %s", message.round_id, e)
             self.secure = None
-            self.set_status("error", f"secure aggregation: {e}")
+            self._fail("secagg.failed", f"secure aggregation: {e}", message.round_id)
 
     def _on_chunk_request(self, req: ChunkRequest) -> None:
         held = self.outbox.get(req.blob_id)
@@ -353,6 +439,9 @@ class EdgeAgent:
     # work -----------------------------------------------------------------------------------
     def _dataset(self, task: TaskSpec) -> LocalDataset:
         if self._data is None or self._data[0] != task:
+            # The task names the label: now its balance can be summarized (before the load, which may fail).
+            self._summary = summarize(self.settings.data_train, self.settings.data_test,
+                                      self.settings.label_column or task.label)
             self._data = (task, load_dataset(self.settings.data_train, self.settings.data_test, task,
                                              self.settings.label_column))
         return self._data[1]
@@ -377,62 +466,110 @@ class EdgeAgent:
             self.feedback.discard(held[0])
 
     def _run_round(self) -> None:
+        """Evaluate, train and send for the current round; whatever goes wrong becomes the site's error status.
+
+        Expected failures carry their monitoring code (bad data, training, a privacy rule); any
+        other exception is a bug, logged with its traceback and reported as ``agent.internal``:
+        the agent goes on with the next round rather than ending a hospital's process.
+        """
         cmd = self.command
         assert cmd is not None
+        self._fetching = None
+        try:
+            prepared = self._prepare_update(cmd)
+        except (DataError, TrainingError) as e:
+            log.error("cannot take part in %s: %s", cmd.round_id, e)
+            self._fail(e.code, e.public if isinstance(e, DataError) else str(e), cmd.round_id)
+            self.command = None
+            return
+        except OnnxExecutorError as e:
+            log.error("cannot take part in %s: the model cannot run here: %s", cmd.round_id, e)
+            self._fail("model.unusable", f"model v{cmd.model_version} cannot run here: {e}", cmd.round_id)
+            self.command = None
+            return
+        except Exception as e:  # noqa: BLE001 - a bug must cost one round, not the hospital's agent
+            log.exception("unexpected error in %s; reported as agent.internal, the agent goes on", cmd.round_id)
+            self._fail("agent.internal", f"unexpected {type(e).__name__} in round {cmd.round}; the agent's log has "
+                       "the traceback", cmd.round_id)
+            self.command = None
+            return
+        report, blob, delta = prepared
+        if cmd.kind == "train" and cmd.training.secure_aggregation is not None:
+            self._begin_secure(cmd, delta, report)
+            return
+        self.state.set_pending(report, blob)
+        self._publish_pending()
+        self._log_round(report.round, f"{'update' if blob is not None else 'evaluation'} "
+                        f"{_kb(len(blob)) + ' ' if blob is not None else ''}sent")
+
+    def _prepare_update(self, cmd: RoundCommand) -> tuple[UpdateReport, bytes | None, dict[str, np.ndarray]]:
+        """Score the round's model and (in a train round) train: the report, the encoded update, the raw delta."""
         self._drop_unsent_feedback()
         global_bytes = self.state.blobs.get(cmd.model_sha256)
         self.state.set_model(cmd.model_version, cmd.model_sha256)
         cfg = cmd.training
         seed = round_seed(cfg.seed, self.site, cmd.round)
-        try:
-            if cmd.kind == "train":
-                check_client_dp_floor(self.settings, cmd)
-            data = self._dataset(cmd.task)
-            dp = self._charge_dp_sgd(cmd, data)
-            start_bytes = self._personalize(global_bytes, cmd)
-            evaluation = personalized = None
-            if data.x_test is not None:
-                self.set_status("evaluating", f"model v{cmd.model_version}")
-                evaluation = self._score(global_bytes, data, cfg.loss, "global")
-                if cfg.finetune_steps or start_bytes is not global_bytes:
-                    tuned = finetune(start_bytes, data.x_train, data.y_train, cfg, seed=seed, dp=dp) \
-                        if cfg.finetune_steps else start_bytes
-                    personalized = self._score(tuned, data, cfg.loss, "personalized")
-            blob = None
-            manifest = None
-            unclipped = None
-            metrics: dict[str, float] = {}
-            seconds = 0.0
-            if cmd.kind == "train":
-                self.set_status("training", f"round {cmd.round}")
-                result = train(load_model_bytes(start_bytes), data.x_train, data.y_train, cfg, seed=seed, dp=dp)
-                delta = result.delta
-                if cfg.local_parameters:
-                    local = set(cfg.local_parameters)
-                    self.state.save_local_parameters({k: result.weights[k] for k in local})
-                    # Never averaged, so never sent: zeros cost nothing once sparsified or compressed.
-                    delta = {k: np.zeros_like(v) if k in local else v for k, v in delta.items()}
-                if cfg.dp_clip_norm is not None:
-                    delta, unclipped = _clip_and_noise(delta, cfg)
-                metrics, seconds = result.metrics, result.seconds
-                if cfg.secure_aggregation is None:
-                    blob = self._encode_update(delta, cmd)
-                    manifest = make_manifest(blob, UPDATE_MEDIA_TYPE, self.settings.chunk_size)
-        except (DataError, TrainingError) as e:
-            log.error("cannot take part in %s: %s", cmd.round_id, e)
-            self.set_status("error", str(e))
-            self.command = None
-            return
+        if cmd.kind == "train":
+            check_client_dp_floor(self.settings, cmd)
+        data = self._dataset(cmd.task)
+        dp = self._charge_dp_sgd(cmd, data)
+        start_bytes = self._personalize(global_bytes, cmd)
+        evaluation = personalized = None
+        if data.x_test is not None:
+            scorings = 1 + bool(cfg.finetune_steps or start_bytes is not global_bytes)
+            self._report_progress(self._progress_of(cmd, "evaluating", steps_total=scorings),
+                                  f"model v{cmd.model_version}", force=True)
+            evaluation = self._score(global_bytes, data, cfg.loss, "global")
+            self._round_notes.append(_score_note(evaluation))
+            if scorings == 2:
+                self._report_progress(self._progress_of(cmd, "evaluating", steps_done=1, steps_total=2),
+                                      f"model v{cmd.model_version}")
+                tuned = finetune(start_bytes, data.x_train, data.y_train, cfg, seed=seed, dp=dp) \
+                    if cfg.finetune_steps else start_bytes
+                personalized = self._score(tuned, data, cfg.loss, "personalized")
+        else:
+            self._round_notes.append("no test set")
+        blob = None
+        manifest = None
+        unclipped = None
+        delta: dict[str, np.ndarray] = {}
+        metrics: dict[str, float] = {}
+        seconds = 0.0
+        if cmd.kind == "train":
+            detail = f"round {cmd.round}"
+            total = planned_steps(data.num_train, cfg)
+            self._report_progress(self._progress_of(cmd, "training", steps_total=total), detail, force=True)
+
+            def on_step(done: int, planned: int) -> None:
+                self._report_progress(self._progress_of(cmd, "training", steps_done=done, steps_total=planned),
+                                      detail, force=done == planned)
+
+            result = train(load_model_bytes(start_bytes), data.x_train, data.y_train, cfg, seed=seed, dp=dp,
+                           on_step=on_step)
+            delta = result.delta
+            self._round_notes.append(_training_note(result.metrics, result.seconds))
+            if cfg.local_parameters:
+                local = set(cfg.local_parameters)
+                self.state.save_local_parameters({k: result.weights[k] for k in local})
+                # Never averaged, so never sent: zeros cost nothing once sparsified or compressed.
+                delta = {k: np.zeros_like(v) if k in local else v for k, v in delta.items()}
+            if cfg.dp_clip_norm is not None:
+                delta, unclipped = _clip_and_noise(delta, cfg)
+            metrics, seconds = result.metrics, result.seconds
+            if cfg.secure_aggregation is None:
+                blob = self._encode_update(delta, cmd)
+                manifest = make_manifest(blob, UPDATE_MEDIA_TYPE, self.settings.chunk_size)
         report = UpdateReport(federation=self.settings.federation, sender=self.site, round_id=cmd.round_id,
                               round=cmd.round, base_version=cmd.model_version, num_samples=data.num_train,
                               update=manifest, train_metrics=metrics, evaluation=evaluation,
                               personalized=personalized, train_seconds=seconds, dp_unclipped=unclipped,
                               privacy=self._sample_privacy())
-        if cmd.kind == "train" and cfg.secure_aggregation is not None:
-            self._begin_secure(cmd, delta, report)
-            return
-        self.state.set_pending(report, blob)
-        self._publish_pending()
+        return report, blob, delta
+
+    def _log_round(self, round_no: int, last: str) -> None:
+        """One INFO line per round saying what this site did: what a hospital reads in its own log."""
+        log.info("%s: %s", self._round_name(round_no), "; ".join([*self._round_notes, last]))
+        self._round_notes = []
 
     def _begin_secure(self, cmd: RoundCommand, delta: dict[str, np.ndarray], report: UpdateReport) -> None:
         """Quantize the update into the round's shared layout and advertise this site's keys for it."""
@@ -448,7 +585,7 @@ class EdgeAgent:
             quantized, saturated = quantize_update(vector, sa, len(cmd.selected), rng)
         except (SecureUpdateError, ValueError) as e:
             log.error("cannot take part in %s: %s", cmd.round_id, e)
-            self.set_status("error", str(e))
+            self._fail("secagg.failed", f"secure aggregation: {e}", cmd.round_id)
             self.command = None
             return
         if saturated:
@@ -497,7 +634,7 @@ class EdgeAgent:
         except PrivacyBudgetExceeded as e:
             raise TrainingError(f"privacy budget spent: round {cmd.round} was refused because {e}; this site "
                                 "sends no update and trains no more unless its operator raises dp_sgd_max_epsilon "
-                                "(a weaker guarantee for its patients)") from None
+                                "(a weaker guarantee for its patients)", "privacy.budget_spent") from None
         spent = PrivacySpent(level="sample", mechanism="dp_sgd", epsilon=epsilon, delta=s.dp_sgd_delta,
                              steps=accountant.steps, noise_multiplier=s.dp_sgd_noise_multiplier,
                              sampling_rate=accountant.sampling_rate, clip_norm=s.dp_sgd_clip_norm,
@@ -522,15 +659,42 @@ class EdgeAgent:
     def _publish_pending(self) -> None:
         pending = self.state.record.pending
         assert pending is not None
+        report = pending.report
+        detail = f"round {report.round}"
         # The report first, so the orchestrator expects the chunks (see OrchestratorService.announce).
-        self.transport.publish(self.topics.site(self.site, "update"), pending.report.to_bytes())
-        if pending.blob is not None and pending.report.update is not None:
+        self.transport.publish(self.topics.site(self.site, "update"), report.to_bytes())
+        size = report.update.size if pending.blob is not None and report.update is not None else 0
+        if pending.blob is not None and report.update is not None:
             data = self.state.blobs.get(pending.blob)
-            self.outbox.add(pending.report.update, data)
-            for index, chunk in iter_chunks(data, pending.report.update):
+            self.outbox.add(report.update, data)
+            self._report_progress(self._progress_of(report, "uploading", bytes_total=size), detail, force=True)
+            for index, chunk in iter_chunks(data, report.update):
                 self.transport.publish(self.topics.site_chunk(self.site, pending.blob, index), chunk)
+                self._report_progress(self._progress_of(report, "uploading", bytes_total=size,
+                                                        bytes_done=min(size, (index + 1) * report.update.chunk_size)),
+                                      detail)
         self._ack_due = time.monotonic() + self.settings.ack_timeout
-        self.set_status("uploading", f"round {pending.report.round}")
+        self._report_progress(self._progress_of(report, "uploading", bytes_done=size, bytes_total=size), detail,
+                              force=True)
+
+
+def _kb(size: int) -> str:
+    return f"{size / 1000:.1f} kB"
+
+
+def _score_note(metrics: EvalMetrics | None) -> str:
+    """The round's test score for the agent's log."""
+    if metrics is None:
+        return "test metrics not finite"
+    if metrics.accuracy is not None:
+        return f"test accuracy {metrics.accuracy:.3f} on {metrics.num_examples} rows"
+    return f"test loss {metrics.loss:.4g} on {metrics.num_examples} rows"
+
+
+def _training_note(metrics: dict[str, float], seconds: float) -> str:
+    """What training did, for the agent's log (no loss under DP-SGD: the metrics do not carry it)."""
+    note = f"trained {int(metrics.get('steps', 0))} steps in {seconds:.1f} s"
+    return note + (f", loss {metrics['loss_last']:.3g}" if "loss_last" in metrics else "")
 
 
 def check_client_dp_floor(settings: AgentSettings, cmd: RoundCommand) -> None:
@@ -567,7 +731,7 @@ def check_client_dp_floor(settings: AgentSettings, cmd: RoundCommand) -> None:
         lower = "lower FEDMQ_DP_MIN_NOISE_SHARE_STD or " + lower
     raise TrainingError(f"this site requires client-level DP: {required}; round {cmd.round} ({cmd.round_id}) asks "
                         f"for {' and '.join(short)}, so it was refused and nothing was sent; ask the federation for "
-                        f"{ask}, or {lower} (a weaker guarantee for this site's patients)")
+                        f"{ask}, or {lower} (a weaker guarantee for this site's patients)", "privacy.floor")
 
 
 def _clip_and_noise(delta: dict[str, np.ndarray], cfg: TrainingConfig) -> tuple[dict[str, np.ndarray], bool]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,19 @@ from shared.protocol import EvalMetrics, TrainingConfig
 
 
 class TrainingError(RuntimeError):
-    """Training could not produce a usable update (diverged, empty data, shape mismatch)."""
+    """Training could not produce a usable update (diverged, empty data, shape mismatch), or may not run.
+
+    ``code`` is the monitoring error code (``shared.protocol.ERROR_CODES``): ``training.failed``
+    unless a privacy rule refused the round (``privacy.floor``, ``privacy.budget_spent``).
+    """
+
+    def __init__(self, message: str, code: str = "training.failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+StepCallback = Callable[[int, int], None]
+"""Called after each optimizer step with (steps done, steps planned): progress for the site's status."""
 
 
 @dataclass(frozen=True)
@@ -93,11 +106,12 @@ def _batches(n: int, cfg: TrainingConfig, gen: torch.Generator):
 
 
 def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingConfig, *, seed: int,
-          dp: DPSGDConfig | None = None) -> TrainResult:
+          dp: DPSGDConfig | None = None, on_step: StepCallback | None = None) -> TrainResult:
     """Train locally from the given model; returns new weights and the update (new - old).
 
     With ``dp``, training is DP-SGD and the metrics are only the step count: losses on the
     training rows are not noised, so reporting them would leak what DP-SGD protects.
+    ``on_step`` hears of every step taken (it should be cheap: it runs between steps).
     """
     if len(y) == 0:
         raise TrainingError("no training rows: check FEDMQ_DATA_TRAIN")
@@ -119,11 +133,13 @@ def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingCon
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = _targets(y, cfg.loss)
     module.train()
+    total = planned_steps(len(yt), cfg)
+    step_done: Callable[[int], None] = (lambda done: on_step(done, total)) if on_step else (lambda done: None)
     if dp is not None:
-        _train_private(module, opt, loss_fn, xt, yt, cfg, dp)
-        metrics = {"steps": float(planned_steps(len(yt), cfg))}
+        _train_private(module, opt, loss_fn, xt, yt, cfg, dp, step_done)
+        metrics = {"steps": float(total)}
     else:
-        metrics = _train_plain(module, opt, loss_fn, xt, yt, cfg, anchors, seed)
+        metrics = _train_plain(module, opt, loss_fn, xt, yt, cfg, anchors, seed, step_done)
     weights = module.onnx_state()
     if not all(np.all(np.isfinite(w)) for w in weights.values()):
         raise TrainingError("training produced non-finite weights; lower the learning rate")
@@ -132,7 +148,8 @@ def train(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, cfg: TrainingCon
 
 
 def _train_plain(module: OnnxModule, opt: torch.optim.Optimizer, loss_fn: torch.nn.Module, x: torch.Tensor,
-                 y: torch.Tensor, cfg: TrainingConfig, anchors: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
+                 y: torch.Tensor, cfg: TrainingConfig, anchors: dict[str, torch.Tensor], seed: int,
+                 step_done: Callable[[int], None]) -> dict[str, float]:
     """Minibatch steps (FedProx's proximal term when ``anchors``); returns the loss metrics."""
     params = module.onnx_parameters()
     gen = torch.Generator().manual_seed(seed)
@@ -148,18 +165,20 @@ def _train_plain(module: OnnxModule, opt: torch.optim.Optimizer, loss_fn: torch.
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        step_done(len(losses))
     return {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": float(np.mean(losses)),
             "steps": float(len(losses))}
 
 
 def _train_private(module: OnnxModule, opt: torch.optim.Optimizer, loss_fn: torch.nn.Module, x: torch.Tensor,
-                   y: torch.Tensor, cfg: TrainingConfig, dp: DPSGDConfig) -> None:
+                   y: torch.Tensor, cfg: TrainingConfig, dp: DPSGDConfig, step_done: Callable[[int], None]) -> None:
     """DP-SGD steps on Poisson batches; noise and sampling draw from the OS CSPRNG, never from the round's seed."""
     private = DPSGD(module, loss_fn, dp.clip_norm, dp.noise_multiplier, expected_batch_size=cfg.batch_size)
     try:
-        for _ in range(planned_steps(len(y), cfg)):
+        for done in range(1, planned_steps(len(y), cfg) + 1):
             idx = private.sample_indices(len(y))
             private.step(opt, x[idx], y[idx])
+            step_done(done)
     except (RuntimeError, ValueError) as e:  # torch.func refuses graphs whose examples interact (BatchNorm)
         raise TrainingError(f"DP-SGD cannot train this model: {e}; per-record gradients need a model without "
                             "batch statistics (no BatchNorm in training mode)") from None

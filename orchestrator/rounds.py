@@ -61,6 +61,8 @@ class RoundPublisher(SecAggPublisher, Protocol):
     def status(self, state: str, detail: str = "") -> None: ...
     def round_ended(self, round_id: str) -> None:
         """The attempt closed or failed: whatever is still arriving for it can be let go."""
+    def round_failed(self, record: RoundRecord, detail: str) -> None:
+        """The attempt failed (it will be retried): monitors hear of it."""
 
 
 class UpdateRejected(ValueError):
@@ -167,6 +169,7 @@ class RoundEngine:
                       "retrying the round with fresh keys")
             log.warning("round %d attempt %d: %s", record.round, record.attempt, detail)
             self.journal.fail(record.round_id, detail)
+            self.publisher.round_failed(record, detail)
             record = None
         if record is not None:
             grace = min(self.settings.round_timeout, 60.0)
@@ -316,6 +319,7 @@ class RoundEngine:
         self.journal.fail(rec.round_id, detail)
         self.current = None
         self.publisher.round_ended(rec.round_id)
+        self.publisher.round_failed(rec, detail)
         self.state = "waiting"
         self.publisher.status("waiting", f"round {rec.round} attempt {rec.attempt} {detail}")
 

@@ -12,6 +12,10 @@ most one upload in flight per round, whose declared size the engine checks again
 round's model before a buffer is allocated; a stalled upload is asked for again a few times,
 then dropped; and every upload of a round is released when the round closes or fails.
 Every refusal is counted per site and reason and published on the retained status.
+
+Monitoring (docs/monitoring.md): the retained status says the round, of how many, of which
+kind, since when; ``orchestrator/alerts.py`` turns what the service sees into the retained
+alert set on ``orch/all/alerts``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.alerts import AlertMonitor
 from orchestrator.architectures import build_onnx, load_user_model
 from orchestrator.journal import RoundJournal, RoundRecord
 from orchestrator.registry import ModelRegistry, ModelVersion, open_database, pool_metrics
@@ -32,7 +37,7 @@ from orchestrator.site_limits import Refusals, SiteRateLimits
 from shared.blobs import CHUNK_HEADER_BYTES, BlobInbox, BlobOutbox, ChunkError, decode_chunk, iter_chunks
 from shared.blobstore import BlobStore
 from shared.config import OrchestratorSettings
-from shared.protocol import (ChunkRequest, EvalMetrics, Message, ModelPublished, OrchestratorStatus, ProtocolError,
+from shared.protocol import (Alert, AlertState, ChunkRequest, EvalMetrics, Message, ModelPublished, OrchestratorStatus, ProtocolError,
                              RoundCommand, RoundSummary, SecAggAdvert, SecAggReveal, SecAggShares, SiteStatus,
                              UpdateAck, UpdateReport, parse_message)
 from shared.topics import Topics
@@ -82,6 +87,7 @@ class OrchestratorService:
         self._retained: dict[str, bytes] = {}  # topic -> our last retained message, for a broker that lost it
         self.engine = RoundEngine(settings, self.registry, self.journal, self.strategy, self)
         self._traffic_mark = (0, 0)
+        self.alerts = AlertMonitor(settings.alerts, self._publish_alerts)
 
     @property
     def rejected(self) -> int:
@@ -118,8 +124,11 @@ class OrchestratorService:
             if not t.wait_connected(stop):
                 return
             self.status("starting")
+            self.alerts.start()
             # Reopen the round first: updates queued for us while we were down must find it open.
             self.engine.start(self._initial_model)
+            latest = self.registry.latest()
+            self.alerts.client_privacy(latest.privacy if latest else None)
             time.sleep(0.5)  # let retained site statuses arrive before the first selection
             while not stop.is_set():
                 t.raise_if_refused()
@@ -129,6 +138,7 @@ class OrchestratorService:
                 if t.connected.is_set():  # requests made while cut off would all arrive at once
                     self._request_stalled()
                 self.engine.tick(self.online())
+                self.alerts.tick()
                 self._publish_refusals()
                 if self.engine.state == "finished" and self.settings.exit_when_done:
                     break
@@ -209,6 +219,7 @@ class OrchestratorService:
         self.presence[site] = status
         if before is None or before.state != status.state:
             log.info("site %s is %s%s", site, status.state, f" ({status.detail})" if status.detail else "")
+        self.alerts.site_status(site, status)
 
     def _already_stored(self, site: str, report: UpdateReport) -> bool:
         """A resend of an update we hold (its ack was lost): acknowledge it again, even if the round closed."""
@@ -365,6 +376,7 @@ class OrchestratorService:
         # The command goes first so agents expect the blob before its chunks arrive: chunks
         # that come early are only parked in a bounded buffer, and big models would overflow it.
         self.transport.publish(self.topics.round, command.to_bytes(), retain=True)
+        self.alerts.round_announced(command.round, command.attempt)
         broadcast = manifests[-1]
         for index, chunk in iter_chunks(blobs[broadcast.blob_id], broadcast):
             self.transport.publish(self.topics.broadcast_chunk(broadcast.blob_id, index), chunk)
@@ -403,6 +415,10 @@ class OrchestratorService:
                            personalized_pooled=pool_metrics(personalized), bytes_down=sent - self._traffic_mark[0],
                            bytes_up=received - self._traffic_mark[1], seconds=seconds, privacy=privacy)
         self._publish_retained(self.topics.round_summary, msg.to_bytes())
+        self.alerts.round_summary(msg)
+
+    def round_failed(self, record: RoundRecord, detail: str) -> None:
+        self.alerts.round_failed(record.round, record.attempt, detail)
 
     def round_ended(self, round_id: str) -> None:
         """Release the uploads still arriving for a round that closed or failed, and parked chunks."""
@@ -421,8 +437,14 @@ class OrchestratorService:
             round=cur.record.round if cur else None, attempt=cur.record.attempt if cur else None,
             round_id=cur.record.round_id if cur else None, model_version=latest.version if latest else None,
             selected=cur.record.selected if cur else [], reported=sorted(cur.reported) if cur else [],
-            deadline=cur.record.deadline if cur else None, detail=detail, refusals=self.refusals.snapshot())
+            deadline=cur.record.deadline if cur else None, detail=detail, refusals=self.refusals.snapshot(),
+            rounds_total=self.settings.rounds, kind=cur.record.kind if cur else None,
+            started_at=cur.record.announced_at if cur else None)
         self._publish_retained(self.topics.orchestrator_status, msg.to_bytes())
+
+    def _publish_alerts(self, alerts: list[Alert]) -> None:
+        msg = AlertState(federation=self.settings.federation, sender=SENDER, alerts=alerts)
+        self._publish_retained(self.topics.alerts, msg.to_bytes())
 
     def _publish_retained(self, topic: str, payload: bytes) -> None:
         """Publish a retained message and remember it for ``_after_reconnect``."""
