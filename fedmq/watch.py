@@ -112,14 +112,14 @@ def _model_cell(row: SiteRow) -> str:
     return text
 
 
-def _error_cell(row: SiteRow) -> RenderableType:
+def _error_cell(row: SiteRow, with_action: bool) -> RenderableType:
     err = row.status.last_error
     if err is None:
         return Text(row.status.detail, style="red") if row.health == "error" else Text("")
     text = Text()
     text.append(err.code, style="bold red" if row.health == "error" else "yellow")
     text.append(f" {err.message}")
-    if row.health == "error":
+    if with_action and row.health == "error":
         text.append(f"\n→ {err.action}", style="dim")
     return text
 
@@ -127,6 +127,9 @@ def _error_cell(row: SiteRow) -> RenderableType:
 def sites_table(view: FleetView, now: float, *, bars: bool, width: int,
                 names: Mapping[str, str] | None = None) -> Table:
     """One row per site: health and state, agent version, model, round progress, last seen, last error.
+
+    The live view (``bars``) shows what to do about an error in its cell; ``fedmq status``
+    lists it under the table with the other problems.
 
     Narrower than WIDE_SITES columns, the hospital names and agent versions give their room
     to progress and errors (``fedmq status --json`` has everything).
@@ -155,7 +158,8 @@ def sites_table(view: FleetView, now: float, *, bars: bool, width: int,
         cells.append(health)
         if width >= WIDE_SITES:
             cells.append(row.status.agent_version)
-        cells += [_model_cell(row), _progress_cell(row, view, bars), last_seen(row, now), _error_cell(row)]
+        cells += [_model_cell(row), _progress_cell(row, view, bars), last_seen(row, now),
+                  _error_cell(row, with_action=bars)]
         table.add_row(*cells)
     for site in sorted(set(names or {}) - known):
         table.add_row(site, *([names[site]] if names else []), Text("no status yet", style="dim"))
