@@ -255,7 +255,7 @@ FederationOption = typer.Option(None, "--federation", help="Federation id (FEDMQ
 @app.command()
 def status(config: Optional[Path] = ConfigOption, broker: Optional[str] = BrokerOption,
            federation: Optional[str] = FederationOption,
-           as_json: bool = typer.Option(False, "--json", help="Print a JSON document (keys: docs/monitoring.md)."),
+           as_json: bool = typer.Option(False, "--json", help="Print a JSON document (keys: FleetView.to_dict in fedmq/fleet.py)."),
            wait: float = typer.Option(3.0, "--wait", min=0.1, help="Seconds to wait for the retained state.")) -> None:
     """The fleet from the broker alone: every site's state, version, progress and last error.
 
@@ -285,12 +285,12 @@ def watch(config: Optional[Path] = ConfigOption, broker: Optional[str] = BrokerO
           exit_when_finished: bool = typer.Option(False, "--exit-when-finished",
                                                   help="End when the federation has finished.")) -> None:
     """A live view of the fleet: sites, round progress, accuracy per round, alerts (q or Ctrl-C quits)."""
-    from fedmq.watch import run_watch
+    from fedmq.watch import run_watch, terminal_console
     from shared.transport import TransportError
 
     settings = _monitor_settings(config, broker, federation)
     try:
-        run_watch(settings, Console(), exit_when_finished=exit_when_finished)
+        run_watch(settings, terminal_console(), exit_when_finished=exit_when_finished)
     except (TransportError, ValueError) as e:
         _fail(f"{e}")
 

@@ -151,7 +151,27 @@ class FleetView:
 
     # machine-readable ---------------------------------------------------------------------------
     def to_dict(self, now: float) -> dict[str, Any]:
-        """The document ``fedmq status --json`` prints (keys documented in docs/monitoring.md)."""
+        """The document ``fedmq status --json`` prints; absent information is null, never a missing key.
+
+        Keys: ``federation``; ``read_at`` (epoch s); ``ok`` (false exactly when the exit code is 1)
+        and ``problems`` (one sentence each, with what to check); ``orchestrator`` (null when it
+        never published: state, round, rounds_total, attempt, kind, round_id, model_version,
+        deadline, started_at, selected, reported, detail, refusals {site: {reason: count}},
+        schema_version); ``sites``, one object per site sorted by id: site, health (up | error |
+        offline), stale (offline because its heartbeat is older than 3 periods), state, detail,
+        agent_version, schema_version, active_model_version, candidate_model_version, round_id,
+        progress {round_id, round, rounds_total, phase, steps_done, steps_total, bytes_done,
+        bytes_total}, last_seen (epoch s), last_seen_exact (false: the agent was alive then or
+        later; a last will's time is unknown), connected_at, heartbeat_seconds, last_error {code,
+        message, action, round_id, at}, data {rows_train, rows_test, schema_hash, label_counts},
+        rows_train, epsilon (sample-level DP-SGD spent), resources {cpu_percent, rss_bytes,
+        disk_free_bytes}; ``model`` (the latest ModelPublished: version, sha256, parent, round,
+        contributors, sent_at); ``rounds``, the round summaries seen, by evaluated version: round,
+        evaluated_version, new_version (null: the final evaluation), pooled and sites {site:
+        {num_examples, loss, accuracy, correct}}, bytes_down, bytes_up, seconds, epsilon
+        (client-level); ``alerts``, the active alerts: id, kind, severity, site, message, action,
+        since.
+        """
         problems = self.problems(now)
         o = self.orchestrator
         return {

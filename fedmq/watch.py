@@ -337,6 +337,16 @@ def live_view(console: Console, frame: Callable[[], RenderableType], *, screen: 
         console.line()
 
 
+def terminal_console() -> Console:
+    """A console that follows the terminal's size as it changes.
+
+    Why not ``Console()``: rich takes COLUMNS and LINES from the environment over the
+    terminal's own size, and some shells export them (their values at the shell's start),
+    which would pin a live view to the size the terminal had then.
+    """
+    return Console(_environ={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")})
+
+
 def run_watch(settings: CommonSettings, console: Console, *, exit_when_finished: bool = False) -> None:
     """Draw the fleet live until q, Ctrl-C or (with ``exit_when_finished``) the federation's end.
 
