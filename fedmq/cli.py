@@ -255,7 +255,8 @@ FederationOption = typer.Option(None, "--federation", help="Federation id (FEDMQ
 @app.command()
 def status(config: Optional[Path] = ConfigOption, broker: Optional[str] = BrokerOption,
            federation: Optional[str] = FederationOption,
-           as_json: bool = typer.Option(False, "--json", help="Print a JSON document (keys: FleetView.to_dict in fedmq/fleet.py)."),
+           as_json: bool = typer.Option(False, "--json", help="Print a JSON document (its keys: FleetView.to_dict "
+                                        "in fedmq/fleet.py)."),
            wait: float = typer.Option(3.0, "--wait", min=0.1, help="Seconds to wait for the retained state.")) -> None:
     """The fleet from the broker alone: every site's state, version, progress and last error.
 
