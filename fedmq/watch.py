@@ -131,22 +131,28 @@ def sites_table(view: FleetView, now: float, *, bars: bool, width: int,
     The live view (``bars``) shows what to do about an error in its cell; ``fedmq status``
     lists it under the table with the other problems.
 
-    Narrower than WIDE_SITES columns, the hospital names and agent versions give their room
-    to progress and errors (``fedmq status --json`` has everything).
+    Narrower than WIDE_SITES columns, the hospital names, agent versions, data rows and ε
+    give their room to progress and errors (``fedmq status --json`` has everything).
     """
-    names = names if width >= WIDE_SITES else None
+    rows = view.site_rows(now)
+    wide = width >= WIDE_SITES
+    names = names if wide else None
+    private = wide and any(r.status.privacy is not None for r in rows)
     table = Table(title="sites", title_justify="left", expand=bars)
     table.add_column("site", no_wrap=True)
     if names:
         table.add_column("hospital")
     table.add_column("state", no_wrap=True)
-    if width >= WIDE_SITES:
+    if wide:
         table.add_column("agent")
     table.add_column("model", no_wrap=True)
+    if wide:
+        table.add_column("rows", justify="right")
+    if private:
+        table.add_column("ε", justify="right")
     table.add_column("round progress", ratio=2 if bars else None)
     table.add_column("last seen")
     table.add_column("last error", ratio=2 if bars else None)
-    rows = view.site_rows(now)
     known = {r.site for r in rows}
     for row in rows:
         state = row.status.state if not row.stale else f"{row.status.state} (stale)"
@@ -156,9 +162,15 @@ def sites_table(view: FleetView, now: float, *, bars: bool, width: int,
         if names:
             cells.append(names.get(row.site, ""))
         cells.append(health)
-        if width >= WIDE_SITES:
+        if wide:
             cells.append(row.status.agent_version)
-        cells += [_model_cell(row), _progress_cell(row, view, bars), last_seen(row, now),
+        cells.append(_model_cell(row))
+        if wide:
+            data_rows = row.status.data.rows_train if row.status.data else row.status.num_samples
+            cells.append(str(data_rows) if data_rows is not None else "-")
+        if private:
+            cells.append(f"{row.status.privacy.epsilon:.3g}" if row.status.privacy else "-")
+        cells += [_progress_cell(row, view, bars), last_seen(row, now),
                   _error_cell(row, with_action=bars)]
         table.add_row(*cells)
     for site in sorted(set(names or {}) - known):
@@ -175,10 +187,7 @@ def orchestrator_line(view: FleetView, now: float) -> Text:
         return text
     text.append(o.state, style="red" if o.state == "offline" else "green" if o.state == "finished" else "cyan")
     parts = []
-    if o.state == "finished":
-        if o.rounds_total is not None:
-            parts.append(f"{o.rounds_total} rounds planned")
-    elif o.round is not None:
+    if o.round is not None and o.state != "finished":
         parts.append(round_label(o.round, o.rounds_total, o.kind))
     if o.attempt is not None and o.attempt > 1 and o.state != "finished":
         parts.append(f"attempt {o.attempt}")
