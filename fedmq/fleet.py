@@ -203,12 +203,17 @@ def _live_time(status: SiteStatus) -> float | None:
     return status.sent_at if status.state != "offline" else None
 
 
+def active_model_version(status: SiteStatus) -> int | None:
+    """The version the site runs; a schema-1 agent says it only as ``model_version``."""
+    return status.active_model_version if status.active_model_version is not None else status.model_version
+
+
 def _site_dict(row: SiteRow) -> dict[str, Any]:
     s = row.status
     return {
         "site": row.site, "health": row.health, "stale": row.stale, "state": s.state, "detail": s.detail,
         "agent_version": s.agent_version, "schema_version": s.schema_version,
-        "active_model_version": s.active_model_version if s.active_model_version is not None else s.model_version,
+        "active_model_version": active_model_version(s),
         "candidate_model_version": s.candidate_model_version, "round_id": s.round_id,
         "progress": s.progress.model_dump() if s.progress else None,
         "last_seen": row.last_seen, "last_seen_exact": row.last_seen_exact,

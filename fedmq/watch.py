@@ -24,14 +24,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fedmq.fleet import ROUND_PHASES, FleetReader, FleetView, SiteRow
+from fedmq.fleet import ROUND_PHASES, FleetReader, FleetView, SiteRow, active_model_version
 from shared.config import CommonSettings
 from shared.protocol import EvalMetrics, RoundProgress, RoundSummary
 
 HEALTH_STYLE = {"up": "green", "error": "bold red", "offline": "red"}
 ROUNDS_SHOWN = 10
 REFRESH_SECONDS = 0.25
-WIDE_SITES = 110  # columns from which the sites table also shows hospital names and agent versions
+WIDE_SITES = 110  # columns from which the sites table also shows hospital names, agent versions, rows and ε
 ROUNDS_BASE_WIDTH = 30  # version, round and pooled columns with borders
 ROUNDS_TRAFFIC_WIDTH = 34  # down, up and wall columns
 
@@ -105,7 +105,7 @@ def _progress_cell(row: SiteRow, view: FleetView, bars: bool) -> RenderableType:
 
 def _model_cell(row: SiteRow) -> str:
     s = row.status
-    active = s.active_model_version if s.active_model_version is not None else s.model_version
+    active = active_model_version(s)
     text = f"v{active}" if active is not None else "-"
     if s.candidate_model_version is not None and s.candidate_model_version != active:
         text += f" → v{s.candidate_model_version}"
@@ -374,7 +374,8 @@ def run_watch(settings: CommonSettings, console: Console, *, exit_when_finished:
         try:
             with _keypresses() as keys, live_view(console, frame, screen=True) as draw:
                 while "q" not in keys().lower():
-                    while reader.poll(0.05):  # drain what arrived, then draw once
+                    busy_until = time.monotonic() + REFRESH_SECONDS
+                    while reader.poll(0.05) and time.monotonic() < busy_until:  # take what arrived, then draw
                         pass
                     if exit_when_finished and view.finished():
                         break
