@@ -270,16 +270,18 @@ class FleetReader:
         return True
 
 
-def read_snapshot(settings: CommonSettings, wait: float = 3.0, quiet: float = 0.3) -> FleetView:
+def read_snapshot(settings: CommonSettings, wait: float = 3.0, grace: float = 0.2) -> FleetView:
     """The fleet as the retained messages tell it right after subscribing (``fedmq status``).
 
-    Retained messages arrive at once: stop as soon as the orchestrator's status and those of
-    all the sites it names are in and nothing more came for ``quiet`` seconds, or after
-    ``wait`` seconds. Raises ``TransportError`` when the broker cannot be reached.
+    Retained messages arrive at once: stop ``grace`` seconds (for the rest of that burst, such
+    as sites the orchestrator does not name) after the orchestrator's status and those of all
+    the sites it names are in, or after ``wait`` seconds. Raises ``TransportError`` when the
+    broker cannot be reached.
     """
     with FleetReader(settings) as reader:
         deadline = time.monotonic() + wait
         while (left := deadline - time.monotonic()) > 0:
-            if not reader.poll(min(quiet, left)) and reader.view.complete():
-                break
+            reader.poll(min(0.05, left))
+            if reader.view.complete():
+                deadline = min(deadline, time.monotonic() + grace)
         return reader.view
