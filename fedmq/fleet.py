@@ -28,6 +28,7 @@ from shared.transport import Transport
 Health = Literal["up", "error", "offline"]
 STALE_HEARTBEATS = 3  # a status older than this many heartbeat periods means the agent is gone (the spec's rule)
 ROUND_PHASES = ("downloading", "evaluating", "training", "uploading")
+SITE_ALERTS = ("site_offline", "site_error")  # alerts that repeat what a site's own status says
 
 
 def monitor_topics(topics: Topics) -> list[str]:
@@ -46,6 +47,7 @@ class SiteRow:
     last_seen: float | None
     last_seen_exact: bool  # False: the agent was alive at ``last_seen`` or later (a last will's time is unknown)
     stale: bool  # offline because its heartbeat is older than STALE_HEARTBEATS periods, not because it said so
+    model_version: int | None  # the version it runs, or (a last will says none) the last one it was seen running
 
 
 @dataclass
@@ -59,6 +61,7 @@ class FleetView:
     model: ModelPublished | None = None
     alerts: AlertState | None = None
     _heartbeats: dict[str, float] = field(default_factory=dict)  # the latest live time seen per site
+    _versions: dict[str, int] = field(default_factory=dict)  # the latest model version a site said it runs
 
     def apply(self, message: Message) -> bool:
         """Fold one message in; False when it is not a monitoring message (ignored)."""
@@ -67,6 +70,9 @@ class FleetView:
             live = _live_time(message)
             if live is not None:
                 self._heartbeats[message.sender] = max(live, self._heartbeats.get(message.sender, live))
+            version = active_model_version(message)
+            if version is not None:
+                self._versions[message.sender] = version
         elif isinstance(message, OrchestratorStatus):
             self.orchestrator = message
         elif isinstance(message, RoundSummary):
@@ -94,7 +100,7 @@ class FleetView:
                  and now - status.heartbeat_at > STALE_HEARTBEATS * status.heartbeat_seconds)
         health: Health = "offline" if status.state == "offline" or stale else \
             "error" if status.state == "error" else "up"
-        return SiteRow(site, health, status, last_seen, exact, stale)
+        return SiteRow(site, health, status, last_seen, exact, stale, self._versions.get(site))
 
     def site_rows(self, now: float) -> list[SiteRow]:
         return [self.site_row(site, now) for site in sorted(self.sites)]
@@ -132,7 +138,10 @@ class FleetView:
         if not self.sites:
             found.append(f"no site has published a status in federation {self.federation!r}: check the agents' "
                          "FEDMQ_FEDERATION and broker settings")
+        flagged: set[str] = set()
         for row in self.site_rows(now):
+            if row.health != "up":
+                flagged.add(row.site)
             if row.health == "offline":
                 why = "its heartbeat stopped" if row.stale else "it is offline"
                 found.append(f"site {row.site}: {why}; check the agent's host or container (fedmq agent status) "
@@ -142,6 +151,8 @@ class FleetView:
                 found.append(f"site {row.site} is in error [{err.code}]: {err.message}; {err.action}" if err
                              else f"site {row.site} is in error: {row.status.detail}; see the agent's log")
         for alert in self.active_alerts():
+            if alert.kind in SITE_ALERTS and alert.site in flagged:
+                continue  # the site's own line above says it, with the same code and action
             if alert.severity == "critical" or alert.kind == "round_failed":
                 found.append(f"alert {alert.id}: {alert.message}; {alert.action}")
         return found
@@ -213,7 +224,7 @@ def _site_dict(row: SiteRow) -> dict[str, Any]:
     return {
         "site": row.site, "health": row.health, "stale": row.stale, "state": s.state, "detail": s.detail,
         "agent_version": s.agent_version, "schema_version": s.schema_version,
-        "active_model_version": active_model_version(s),
+        "active_model_version": row.model_version,
         "candidate_model_version": s.candidate_model_version, "round_id": s.round_id,
         "progress": s.progress.model_dump() if s.progress else None,
         "last_seen": row.last_seen, "last_seen_exact": row.last_seen_exact,

@@ -24,7 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fedmq.fleet import ROUND_PHASES, FleetReader, FleetView, SiteRow, active_model_version
+from fedmq.fleet import ROUND_PHASES, FleetReader, FleetView, SiteRow
 from shared.config import CommonSettings
 from shared.protocol import EvalMetrics, RoundProgress, RoundSummary
 
@@ -75,9 +75,10 @@ def _phase_numbers(p: RoundProgress) -> tuple[int, int, str]:
     return p.steps_done, p.steps_total, "steps"
 
 
-def progress_text(p: RoundProgress) -> str:
+def progress_text(p: RoundProgress, open_round: int | None = None) -> str:
+    """'training 40/100 steps (40%)', after 'round 4 of 20' unless it is the orchestrator's ``open_round``."""
     done, total, unit = _phase_numbers(p)
-    head = f"{round_label(p.round, p.rounds_total)} {p.phase}"
+    head = p.phase if p.round == open_round else f"{round_label(p.round, p.rounds_total)} {p.phase}"
     if not total:
         return head
     amount = f"{size(done)} of {size(total)}" if unit == "bytes" else f"{done}/{total} steps"
@@ -92,7 +93,7 @@ def _progress_cell(row: SiteRow, view: FleetView, bars: bool) -> RenderableType:
         text = "reported" if reported else ""
         return Text(text, style="green") if text else Text("-", style="dim")
     p = s.progress
-    text = progress_text(p) + (" · reported" if reported else "")
+    text = progress_text(p, o.round if o is not None else None) + (" · reported" if reported else "")
     done, total, _ = _phase_numbers(p)
     if not bars or not total:
         return text
@@ -104,22 +105,26 @@ def _progress_cell(row: SiteRow, view: FleetView, bars: bool) -> RenderableType:
 
 
 def _model_cell(row: SiteRow) -> str:
-    s = row.status
-    active = active_model_version(s)
-    text = f"v{active}" if active is not None else "-"
-    if s.candidate_model_version is not None and s.candidate_model_version != active:
-        text += f" → v{s.candidate_model_version}"
+    candidate = row.status.candidate_model_version
+    text = f"v{row.model_version}" if row.model_version is not None else "-"
+    if candidate is not None and candidate != row.model_version:
+        text += f" → v{candidate}"
     return text
 
 
-def _error_cell(row: SiteRow, with_action: bool) -> RenderableType:
+def _error_cell(row: SiteRow, live: bool) -> RenderableType:
+    """The code on a line of its own (never cut), then the message; in the live view also what to do.
+
+    ``fedmq status`` lists the message and action of a site in error under the table, so its
+    cell gives only the code there.
+    """
     err = row.status.last_error
     if err is None:
         return Text(row.status.detail, style="red") if row.health == "error" else Text("")
-    text = Text()
-    text.append(err.code, style="bold red" if row.health == "error" else "yellow")
-    text.append(f" {err.message}")
-    if with_action and row.health == "error":
+    text = Text(err.code, style="bold red" if row.health == "error" else "yellow")
+    if live or row.health != "error":
+        text.append(f"\n{err.message}")
+    if live and row.health == "error":
         text.append(f"\n→ {err.action}", style="dim")
     return text
 
@@ -128,8 +133,8 @@ def sites_table(view: FleetView, now: float, *, bars: bool, width: int,
                 names: Mapping[str, str] | None = None) -> Table:
     """One row per site: health and state, agent version, model, round progress, last seen, last error.
 
-    The live view (``bars``) shows what to do about an error in its cell; ``fedmq status``
-    lists it under the table with the other problems.
+    The live view (``bars``) shows an error's message and what to do in its cell; ``fedmq
+    status`` lists them under the table with the other problems.
 
     Narrower than WIDE_SITES columns, the hospital names, agent versions, data rows and ε
     give their room to progress and errors (``fedmq status --json`` has everything).
@@ -171,7 +176,7 @@ def sites_table(view: FleetView, now: float, *, bars: bool, width: int,
         if private:
             cells.append(f"{row.status.privacy.epsilon:.3g}" if row.status.privacy else "-")
         cells += [_progress_cell(row, view, bars), last_seen(row, now),
-                  _error_cell(row, with_action=bars)]
+                  _error_cell(row, live=bars)]
         table.add_row(*cells)
     for site in sorted(set(names or {}) - known):
         table.add_row(site, *([names[site]] if names else []), Text("no status yet", style="dim"))

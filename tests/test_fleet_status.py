@@ -61,23 +61,27 @@ def test_a_stale_heartbeat_is_offline_and_a_fresh_one_up() -> None:
 
 def test_an_error_is_reported_with_its_code_and_action() -> None:
     err = ErrorInfo.of("data.invalid", "the training CSV lacks the column 'age'", "r4")
+    same = Alert(id="site_error:b", kind="site_error", severity="critical", site="b", message="site b is in error",
+                 action=err.action, since=NOW)
     view = _view(_orchestrator(), _site("a", heartbeat_at=NOW, heartbeat_seconds=10),
-                 _site("b", "error", heartbeat_at=NOW, heartbeat_seconds=10, last_error=err))
+                 _site("b", "error", heartbeat_at=NOW, heartbeat_seconds=10, last_error=err),
+                 AlertState(federation=FED, sender="orchestrator", alerts=[same]))
     rows = {r.site: r for r in view.site_rows(NOW)}
     assert rows["b"].health == "error" and rows["a"].health == "up"
     assert view.problems(NOW) == [f"site b is in error [data.invalid]: the training CSV lacks the column 'age'; "
-                                  f"{err.action}"]
+                                  f"{err.action}"]  # once: the alert repeating it is not listed again
     doc = view.to_dict(NOW)
     assert doc["ok"] is False and doc["sites"][1]["last_error"]["code"] == "data.invalid"
 
 
 def test_a_last_will_gives_only_a_lower_bound_of_the_last_sighting() -> None:
     view = _view(_orchestrator(), _site("a", "training", heartbeat_at=NOW - 50, heartbeat_seconds=10,
-                                        connected_at=NOW - 500))
-    will = _site("a", "offline", connected_at=NOW - 500)  # built at connect time: no heartbeat_at
+                                        connected_at=NOW - 500, model_version=6, active_model_version=6))
+    will = _site("a", "offline", connected_at=NOW - 500)  # built at connect time: no heartbeat_at, no version
     view.apply(parse_message(will.to_bytes()))
     row = view.site_row("a", NOW)
     assert (row.health, row.last_seen, row.last_seen_exact) == ("offline", NOW - 50, False)
+    assert row.model_version == 6  # the last version it was seen running
     # A monitor that saw only the will knows the agent was alive when it connected, or later.
     alone = _view(_orchestrator(), will).site_row("a", NOW)
     assert (alone.last_seen, alone.last_seen_exact) == (NOW - 500, False)
