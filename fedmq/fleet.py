@@ -61,18 +61,18 @@ class FleetView:
     model: ModelPublished | None = None
     alerts: AlertState | None = None
     _heartbeats: dict[str, float] = field(default_factory=dict)  # the latest live time seen per site
-    _versions: dict[str, int] = field(default_factory=dict)  # the latest model version a site said it runs
+    _versions: dict[str, int] = field(default_factory=dict)  # the latest model version a live site said it runs
 
     def apply(self, message: Message) -> bool:
         """Fold one message in; False when it is not a monitoring message (ignored)."""
         if isinstance(message, SiteStatus):
             self.sites[message.sender] = message
             live = _live_time(message)
-            if live is not None:
-                self._heartbeats[message.sender] = max(live, self._heartbeats.get(message.sender, live))
             version = active_model_version(message)
-            if version is not None:
-                self._versions[message.sender] = version
+            if live is not None:  # a last will's fields are those of its connection, not of its end
+                self._heartbeats[message.sender] = max(live, self._heartbeats.get(message.sender, live))
+                if version is not None:
+                    self._versions[message.sender] = version
         elif isinstance(message, OrchestratorStatus):
             self.orchestrator = message
         elif isinstance(message, RoundSummary):
@@ -100,7 +100,8 @@ class FleetView:
                  and now - status.heartbeat_at > STALE_HEARTBEATS * status.heartbeat_seconds)
         health: Health = "offline" if status.state == "offline" or stale else \
             "error" if status.state == "error" else "up"
-        return SiteRow(site, health, status, last_seen, exact, stale, self._versions.get(site))
+        return SiteRow(site, health, status, last_seen, exact, stale,
+                       self._versions.get(site, active_model_version(status)))
 
     def site_rows(self, now: float) -> list[SiteRow]:
         return [self.site_row(site, now) for site in sorted(self.sites)]

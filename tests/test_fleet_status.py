@@ -77,11 +77,11 @@ def test_an_error_is_reported_with_its_code_and_action() -> None:
 def test_a_last_will_gives_only_a_lower_bound_of_the_last_sighting() -> None:
     view = _view(_orchestrator(), _site("a", "training", heartbeat_at=NOW - 50, heartbeat_seconds=10,
                                         connected_at=NOW - 500, model_version=6, active_model_version=6))
-    will = _site("a", "offline", connected_at=NOW - 500)  # built at connect time: no heartbeat_at, no version
+    will = _site("a", "offline", connected_at=NOW - 500, model_version=2)  # built at connect time: no heartbeat
     view.apply(parse_message(will.to_bytes()))
     row = view.site_row("a", NOW)
     assert (row.health, row.last_seen, row.last_seen_exact) == ("offline", NOW - 50, False)
-    assert row.model_version == 6  # the last version it was seen running
+    assert row.model_version == 6  # the last version it was seen running, not the one it had when it connected
     # A monitor that saw only the will knows the agent was alive when it connected, or later.
     alone = _view(_orchestrator(), will).site_row("a", NOW)
     assert (alone.last_seen, alone.last_seen_exact) == (NOW - 500, False)
