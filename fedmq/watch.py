@@ -377,7 +377,8 @@ def run_watch(settings: CommonSettings, console: Console, *, exit_when_finished:
             return watch_renderable(view, time.time(), header=f"{header} · {time.strftime('%H:%M:%S')}{state}")
 
         try:
-            with _keypresses() as keys, live_view(console, frame, screen=True) as draw:
+            # Piped, no alternate screen: rich would then print nothing at all (it makes it transient).
+            with _keypresses() as keys, live_view(console, frame, screen=console.is_terminal) as draw:
                 while "q" not in keys().lower():
                     busy_until = time.monotonic() + REFRESH_SECONDS
                     while reader.poll(0.05) and time.monotonic() < busy_until:  # take what arrived, then draw
@@ -387,5 +388,6 @@ def run_watch(settings: CommonSettings, console: Console, *, exit_when_finished:
                     draw()
         except KeyboardInterrupt:
             return
-        if exit_when_finished and view.finished():
+        if exit_when_finished and view.finished() and console.is_terminal:
+            # The alternate screen took the last frame with it; leave the outcome on the terminal.
             console.print(watch_renderable(view, time.time(), header=header.replace(" · q quits", "")))

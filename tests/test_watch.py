@@ -5,7 +5,7 @@ What an operator sees is what is asserted, from ``tmux capture-pane``: the sites
 new width after the window is resized, and, after ``q`` (or Ctrl-C), exit code 0 with the
 terminal restored (main screen, line editing and echo back on, no traceback). Finally
 ``--exit-when-finished`` ends by itself when the federation finishes and leaves its last
-frame on the screen. tmux is installed when missing and we are root with apt-get (as in
+frame on the screen, in a terminal and piped. tmux is installed when missing and we are root with apt-get (as in
 CI); otherwise the test is skipped.
 """
 
@@ -128,3 +128,10 @@ def test_watch_draws_progress_resizes_and_quits_cleanly(mosquitto, tmp_path, tmu
         assert EXIT.search(final)[1] == "0" and "orchestrator finished" in final
         assert re.search(rf"│ v{rounds}\s+│ final\s+│", final)  # the last frame: the final evaluation's row
         assert tmux.flag("alternate_on") == "0"
+
+        # Piped (no terminal): no alternate screen, and the last frame is printed, not swallowed.
+        piped = subprocess.run([sys.executable, "-m", "fedmq", "watch", "--broker", mosquitto.url, "--federation",
+                                federation, "--exit-when-finished"], cwd=PROJECT, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=60)
+        assert piped.returncode == 0, piped.stderr
+        assert "orchestrator finished" in piped.stdout and "\x1b[?1049h" not in piped.stdout
