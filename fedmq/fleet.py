@@ -68,10 +68,9 @@ class FleetView:
         if isinstance(message, SiteStatus):
             self.sites[message.sender] = message
             live = _live_time(message)
-            version = active_model_version(message)
             if live is not None:  # a last will's fields are those of its connection, not of its end
                 self._heartbeats[message.sender] = max(live, self._heartbeats.get(message.sender, live))
-                if version is not None:
+                if (version := active_model_version(message)) is not None:
                     self._versions[message.sender] = version
         elif isinstance(message, OrchestratorStatus):
             self.orchestrator = message
