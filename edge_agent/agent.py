@@ -183,9 +183,11 @@ class EdgeAgent:
         """This site's retained status; ``will``: the last will, which has no heartbeat and no resources."""
         active = self.state.record.model_version
         cmd = self.command
+        error = self._last_error if state == "error" else None
+        # An error names the round it cost (the orchestrator stops waiting for us), heartbeat after heartbeat.
+        round_id = cmd.round_id if cmd else error.round_id if error else None
         return SiteStatus(federation=self.settings.federation, sender=self.site, state=state,
-                          agent_version=AGENT_VERSION, model_version=active,
-                          round_id=cmd.round_id if cmd else None,
+                          agent_version=AGENT_VERSION, model_version=active, round_id=round_id,
                           num_samples=self._data[1].num_train if self._data else self._rows, detail=detail,
                           privacy=self._sample_privacy(), connected_at=self.connected_at,
                           heartbeat_at=None if will else time.time(),

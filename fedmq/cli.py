@@ -1,4 +1,5 @@
-"""The ``fedmq`` command: demo, orchestrator, agent, model registry, PKI, Prometheus exporter."""
+"""The ``fedmq`` command: demo, orchestrator, agent, fleet status and watch, Prometheus exporter, model registry,
+report, PKI."""
 
 from __future__ import annotations
 
@@ -235,6 +236,65 @@ def models_export(version: int, path: Path, state_dir: Optional[Path] = StateOpt
         _fail(str(e))
     path.write_bytes(data)
     typer.echo(f"wrote model v{version} to {path} ({len(data)} bytes)")
+
+
+def _monitor_settings(config: Optional[Path], broker: Optional[str], federation: Optional[str]):
+    """Broker, federation and TLS settings of a monitor (flags > env > file), as the daemons read theirs."""
+    from pydantic import ValidationError
+
+    from shared.config import CommonSettings, load_settings
+
+    try:
+        return load_settings(CommonSettings, config, broker_url=broker, federation=federation)
+    except (ValidationError, FileNotFoundError) as e:
+        _fail(f"invalid monitor settings: {e}")
+
+
+FederationOption = typer.Option(None, "--federation", help="Federation id (FEDMQ_FEDERATION).")
+
+
+@app.command()
+def status(config: Optional[Path] = ConfigOption, broker: Optional[str] = BrokerOption,
+           federation: Optional[str] = FederationOption,
+           as_json: bool = typer.Option(False, "--json", help="Print a JSON document (its keys: FleetView.to_dict "
+                                        "in fedmq/fleet.py)."),
+           wait: float = typer.Option(3.0, "--wait", min=0.1, help="Seconds to wait for the retained state.")) -> None:
+    """The fleet from the broker alone: every site's state, version, progress and last error.
+
+    Exit code 0 when all is well; 1 when something is wrong (a site offline or in error, a
+    critical alert, a failed round, the orchestrator offline); 2 when the broker cannot be reached.
+    """
+    from fedmq.fleet import read_snapshot
+    from fedmq.watch import status_renderable
+    from shared.transport import TransportError
+
+    settings = _monitor_settings(config, broker, federation)
+    try:
+        view = read_snapshot(settings, wait=wait)
+    except (TransportError, ValueError) as e:
+        _fail(f"{e}")
+    now = time.time()
+    if as_json:
+        typer.echo(json.dumps(view.to_dict(now), indent=2))
+    else:
+        Console().print(status_renderable(view, now))
+    raise typer.Exit(1 if view.problems(now) else 0)
+
+
+@app.command()
+def watch(config: Optional[Path] = ConfigOption, broker: Optional[str] = BrokerOption,
+          federation: Optional[str] = FederationOption,
+          exit_when_finished: bool = typer.Option(False, "--exit-when-finished",
+                                                  help="End when the federation has finished.")) -> None:
+    """A live view of the fleet: sites, round progress, accuracy per round, alerts (q or Ctrl-C quits)."""
+    from fedmq.watch import run_watch, terminal_console
+    from shared.transport import TransportError
+
+    settings = _monitor_settings(config, broker, federation)
+    try:
+        run_watch(settings, terminal_console(), exit_when_finished=exit_when_finished)
+    except (TransportError, ValueError) as e:
+        _fail(f"{e}")
 
 
 @app.command()

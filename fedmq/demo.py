@@ -17,21 +17,19 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.table import Table
 
+from fedmq.fleet import ROUND_PHASES, FleetReader, FleetView
+from fedmq.watch import Fitted, live_view, size, watch_renderable
 from shared.broker import Broker, start_embedded_broker
 from shared.config import AgentSettings, CommonSettings, OrchestratorSettings, SecureAggregationSettings
 from shared.pki import FederationPki
-from shared.protocol import (OrchestratorStatus, ProtocolError, RoundSummary, SiteStatus, TrainingConfig,
-                             parse_message)
-from shared.topics import Topics
-from shared.transport import Transport
+from shared.protocol import TrainingConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "heart_disease"
 HOSPITALS = {"cleveland": "Cleveland Clinic", "hungary": "Hungarian Inst. of Cardiology",
@@ -39,6 +37,7 @@ HOSPITALS = {"cleveland": "Cleveland Clinic", "hungary": "Hungarian Inst. of Car
 FEDERATION = "heart-demo"
 DEFAULT_STATE_DIR = Path("fedmq-demo-state")
 MARKER = "fedmq-demo.json"  # what makes a directory a demo's state, which a rerun may move aside
+SETTLE_SECONDS = 5.0  # after the federation finished, the longest wait for the sites' last statuses
 
 
 @dataclass
@@ -54,16 +53,6 @@ class DemoOptions:
     round_timeout: float = 300.0
     timeout: float = 1800.0
     secure_aggregation: bool = False
-
-
-@dataclass
-class _View:
-    """What the operator has seen so far on the topics."""
-
-    orchestrator: OrchestratorStatus | None = None
-    sites: dict[str, SiteStatus] = field(default_factory=dict)
-    summaries: dict[int, RoundSummary] = field(default_factory=dict)
-    final: RoundSummary | None = None
 
 
 def heart_features() -> list[str]:
@@ -123,33 +112,6 @@ def _spawn(args: list[str], settings: CommonSettings, log_path: Path) -> subproc
     env.update(settings_env(settings))
     log = open(log_path, "wb")
     return subprocess.Popen([sys.executable, "-m", "fedmq", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _render(view: _View, rounds: int, started: float) -> Group:
-    o = view.orchestrator
-    head = Table.grid(padding=(0, 2))
-    head.add_row("orchestrator", o.state if o else "starting",
-                 f"round {o.round}/{rounds}" if o and o.round else "",
-                 f"model v{o.model_version}" if o and o.model_version is not None else "",
-                 f"{time.monotonic() - started:.0f}s")
-    sites = Table("site", "hospital", "state", "model", "reported", "test acc (last round)", title="hospitals")
-    last = view.final or (view.summaries[max(view.summaries)] if view.summaries else None)
-    for site, name in HOSPITALS.items():
-        st = view.sites.get(site)
-        m = last.site_metrics.get(site) if last else None
-        sites.add_row(site, name, st.state if st else "-",
-                      f"v{st.model_version}" if st and st.model_version is not None else "-",
-                      "yes" if o and site in o.reported else "", f"{m.accuracy:.3f}" if m and m.accuracy else "-")
-    history = Table("round", "evaluated", "pooled acc", "down", "up", "wall s", title="rounds")
-    for rnd in sorted(view.summaries)[-8:]:
-        s = view.summaries[rnd]
-        history.add_row(str(rnd), f"v{s.evaluated_version}", f"{s.pooled.accuracy:.3f}" if s.pooled else "-",
-                        _size(s.bytes_down), _size(s.bytes_up), f"{s.seconds.get('wall', 0):.1f}")
-    return Group(head, sites, history)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
 
 
 def prepare_state_dir(root: Path, console: Console) -> None:
@@ -221,37 +183,31 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
 
 
 def _watch(url: str, mqtt_version: str, opts: DemoOptions, procs: list[subprocess.Popen], console: Console,
-           started: float, root: Path) -> _View:
+           started: float, root: Path) -> FleetView:
+    """Draw the federation as ``fedmq watch`` does, from the same topics, until it has finished."""
     orchestrator = procs[0]
-    topics = Topics(FEDERATION)
     settings = CommonSettings(broker_url=url, federation=FEDERATION, mqtt_version=mqtt_version)
-    view = _View()
-    transport = Transport(settings, f"fedmq-{FEDERATION}-demo-monitor", persistent_session=False)
-    with transport:
-        for t in (topics.orchestrator_status, topics.round_summary, f"{topics.base}/site/+/status"):
-            transport.subscribe(t)
-        with Live(_render(view, opts.rounds, started), console=console, refresh_per_second=4) as live:
+    with FleetReader(settings) as reader:
+        view = reader.view
+
+        def frame() -> Fitted:
+            return watch_renderable(view, time.time(), header=f"fedmq demo · {time.monotonic() - started:.0f}s",
+                                    names=HOSPITALS)
+
+        finished_at: float | None = None
+        with live_view(console, frame, screen=False) as draw:
             while True:
-                msg = transport.get(0.25)
-                if msg is not None:
-                    try:
-                        m = parse_message(msg.payload)
-                    except ProtocolError:
-                        continue
-                    if isinstance(m, OrchestratorStatus):
-                        view.orchestrator = m
-                    elif isinstance(m, SiteStatus):
-                        view.sites[m.sender] = m
-                    elif isinstance(m, RoundSummary):
-                        if m.new_version is None:
-                            view.final = m
-                        else:
-                            view.summaries[m.round] = m
-                live.update(_render(view, opts.rounds, started))
-                if view.orchestrator and view.orchestrator.state == "finished" and view.final is not None:
-                    return view
-                if orchestrator.poll() is not None and transport.inbox.empty():
-                    if view.final is not None:
+                reader.poll(0.25)
+                draw()
+                if view.finished() and view.final_summary() is not None:
+                    # The sites' last acknowledgements arrive just after the orchestrator's end: wait
+                    # for them, so that no site is left drawn mid-round ("uploading") in the final view.
+                    finished_at = finished_at or time.monotonic()
+                    if all(s.state not in ROUND_PHASES for s in view.sites.values()) \
+                            or time.monotonic() - finished_at > SETTLE_SECONDS:
+                        return view
+                elif orchestrator.poll() is not None and reader.transport.inbox.empty():
+                    if view.final_summary() is not None:
                         return view
                     raise RuntimeError(f"the orchestrator exited (code {orchestrator.returncode}) before the end; "
                                        f"see {root / 'orchestrator.log'}")
@@ -263,18 +219,19 @@ def _watch(url: str, mqtt_version: str, opts: DemoOptions, procs: list[subproces
                     raise RuntimeError(f"the demo did not finish within {opts.timeout:.0f}s; logs are in {root}")
 
 
-def _summary(view: _View, opts: DemoOptions, wall: float) -> dict:
-    final = view.final
+def _summary(view: FleetView, opts: DemoOptions, wall: float) -> dict:
+    final = view.final_summary()
+    trained = [s for s in view.rounds() if s.new_version is not None]
     return {
-        "rounds": len(view.summaries),
+        "rounds": len(trained),
         "final_model_version": final.evaluated_version if final else None,
         "pooled_test_accuracy": final.pooled.accuracy if final and final.pooled else None,
         "per_site_test_accuracy": {s: m.accuracy for s, m in final.site_metrics.items()} if final else {},
         "per_site_mean_accuracy": (sum(m.accuracy for m in final.site_metrics.values()) / len(final.site_metrics)
                                    if final and final.site_metrics else None),
-        "accuracy_by_round": {r: s.pooled.accuracy for r, s in sorted(view.summaries.items()) if s.pooled},
-        "bytes_down": sum(s.bytes_down for s in view.summaries.values()) + (final.bytes_down if final else 0),
-        "bytes_up": sum(s.bytes_up for s in view.summaries.values()) + (final.bytes_up if final else 0),
+        "accuracy_by_round": {s.round: s.pooled.accuracy for s in trained if s.pooled},
+        "bytes_down": sum(s.bytes_down for s in view.rounds()),
+        "bytes_up": sum(s.bytes_up for s in view.rounds()),
         "wall_seconds": round(wall, 2),
         "strategy": opts.strategy,
         "training": {"local_steps": opts.local_steps, "batch_size": opts.batch_size,
@@ -291,7 +248,7 @@ def _print_summary(summary: dict, console: Console) -> None:
     table.add_row("pooled test accuracy", f"{acc:.3f}" if acc is not None else "-")
     for site, a in summary["per_site_test_accuracy"].items():
         table.add_row(f"  {site}", f"{a:.3f}")
-    table.add_row("bytes down / up", f"{_size(summary['bytes_down'])} / {_size(summary['bytes_up'])}")
+    table.add_row("bytes down / up", f"{size(summary['bytes_down'])} / {size(summary['bytes_up'])}")
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
     console.print(table)
 
