@@ -371,6 +371,7 @@ def test_compose_gives_each_hospital_only_its_own_data() -> None:
                         "/data/test.csv": f"./fedmq/data/heart_disease/{site}_test.csv"}
         assert all((PROJECT / source).is_file() for source in data.values())
         assert mounts["/certs/client.key"][0] == f"./pki/sites/{site}.key"
+        assert mounts["/certs/crl.pem"][0] == "./pki/crl.pem", "revoked peers are refused only with the CRL"
         assert all(mode == ["ro"] for target, (_, mode) in mounts.items() if target != "/state")
         assert mounts["/state"][0] == f"{site}-state" and f"{site}-state" in COMPOSE["volumes"]
         assert services[site]["environment"]["FEDMQ_SITE_ID"] == site
