@@ -124,12 +124,17 @@ class FederationHarness:
     @classmethod
     def heart(cls, broker: Broker, root: Path, *, rounds: int = 3, sites: tuple[str, ...] = SITES,
               local_steps: int = 20, round_timeout: float = 60.0, orchestrator: dict | None = None,
-              agent: dict | None = None, seed: int = 0) -> "FederationHarness":
-        """The demo's Heart Disease federation, small: few rounds, short local training."""
+              agent: dict | None = None, training: dict | None = None, seed: int = 0) -> "FederationHarness":
+        """The demo's Heart Disease federation, small: few rounds, short local training.
+
+        ``orchestrator`` and ``agent`` override settings of every daemon of that kind, ``training``
+        fields of the rounds' training settings.
+        """
         orch, agents = heart_settings(broker.url, root, DemoOptions(rounds=rounds, local_steps=local_steps,
                                                                     round_timeout=round_timeout, seed=seed),
                                       sites=sites)
-        orch = orch.model_copy(update={"federation": "faults", **(orchestrator or {})})
+        orch = orch.model_copy(update={"federation": "faults", "training": orch.training.model_copy(update=training or {}),
+                                       **(orchestrator or {})})
         agents = [a.model_copy(update={"federation": "faults", "heartbeat_seconds": 2.0, "ack_timeout": 5.0,
                                        **(agent or {})}) for a in agents]
         return cls(broker, root, orch, agents)
