@@ -67,6 +67,8 @@ def _serve(kind: str, settings_cls: type, service_cls: Callable, config: Optiona
     """Load settings (flags > env > file), then run the daemon until a signal stops it."""
     from pydantic import ValidationError
 
+    from edge_agent.state import StateError
+    from orchestrator.registry import RegistryError
     from shared.config import load_settings
     from shared.transport import TransportError
 
@@ -77,7 +79,7 @@ def _serve(kind: str, settings_cls: type, service_cls: Callable, config: Optiona
     setup_logging(settings.log_level)
     try:
         service_cls(settings).run(_stop_on_signals())
-    except TransportError as e:
+    except (TransportError, RegistryError, StateError) as e:  # the state directory's errors say how to repair it
         _fail(str(e))
 
 
