@@ -22,7 +22,7 @@ accepted for each round, nothing counted twice); for the faulty run the counts o
 injected and survived.
 
     nice -n 10 python bench/soak.py --rounds 200 --seed 0 --json soak.json
-    python bench/soak.py --rounds 20 --mean-gap 4          # a quick look
+    python bench/soak.py --rounds 20 --skip-clean          # a quick look
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "faults")]
+sys.path.insert(0, str(ROOT))
 
-from federation_harness import ORCHESTRATOR, FederationHarness, check_outcome  # noqa: E402
 from shared.broker import start_mosquitto  # noqa: E402
 from shared.protocol import ModelPublished  # noqa: E402
+from tests.faults.federation_harness import ORCHESTRATOR, FederationHarness, check_outcome  # noqa: E402
 
 FAULTS = ("broker", "orchestrator", "agent-kill", "agent-stop")
 
@@ -145,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mean-gap", type=float, default=8.0, help="mean seconds between faults (exponential)")
+    ap.add_argument("--mean-gap", type=float, default=2.0, help="mean seconds between faults (exponential)")
     ap.add_argument("--round-timeout", type=float, default=10.0)
     ap.add_argument("--stall-seconds", type=float, default=120.0)
     ap.add_argument("--local-steps", type=int, default=20)

@@ -313,8 +313,13 @@ class RoundEngine:
         """End the open attempt without a new version; the next tick announces a fresh attempt."""
         assert self.current is not None
         rec = self.current.record
+        try:
+            with guarded_storage(self.settings.state_dir, f"record that round {rec.round} failed"):
+                self.journal.fail(rec.round_id, detail)
+        except StorageError as e:
+            self._storage_failed(self.state, f"{e}; trying again")  # the attempt stays open until it is recorded
+            return
         log.error("round %d attempt %d %s; retrying", rec.round, rec.attempt, detail)
-        self.journal.fail(rec.round_id, detail)
         self.current = None
         self.state = "waiting"
         self.publisher.status("waiting", f"round {rec.round} attempt {rec.attempt} {detail}")
