@@ -252,11 +252,26 @@ class RoundEngine:
             layout = UpdateLayout.for_round(shapes, command.training.local_parameters,
                                             command.training.secure_aggregation)
             secure = SecureRound(command, layout, self._ca, self.clock)
-        self.current = _Open(record, command, shapes,
-                             reported={u.site for u in self.journal.updates(record.round_id)}, secure=secure)
+        self.current = _Open(record, command, shapes, reported=self._readable_updates(record), secure=secure)
         self.state = "collecting" if record.kind == "train" else "evaluating"
         self.publisher.announce(command, blobs)
         self.publisher.status(self.state)
+
+    def _readable_updates(self, record: RoundRecord) -> set[str]:
+        """Sites whose stored update for this attempt is intact; one whose file was lost or damaged is dropped.
+
+        The site was acknowledged and no longer holds it, so the round goes on without it (the
+        deadline and the quorum decide) rather than stopping at aggregation on every restart.
+        """
+        readable = set()
+        for update in self.journal.updates(record.round_id):
+            if update.blob is not None and update.blob not in self.registry.blobs:
+                log.warning("round %d: the stored update of %s (%s) is missing or corrupted in %s; dropped, the round "
+                            "goes on without it", record.round, update.site, update.blob[:12], self.registry.blobs.root)
+                self.journal.drop_update(record.round_id, update.site)
+                continue
+            readable.add(update.site)
+        return readable
 
     def _next_round(self) -> int:
         latest = self.registry.latest()

@@ -20,6 +20,7 @@ from orchestrator.architectures import build_onnx
 from orchestrator.journal import RoundJournal
 from orchestrator.registry import ModelRegistry, open_database
 from shared.blobstore import BlobStore
+from shared.protocol import UpdateAck
 from tests.faults.federation_harness import ORCHESTRATOR, FederationHarness, check_outcome, orchestrator_state, \
     site_state
 
@@ -128,3 +129,24 @@ def test_agent_with_corrupted_model_and_update_files_fetches_and_retrains(fresh_
     log = fed.log("hungary")
     assert "missing or corrupted" in log and "Traceback" not in log, log[-3000:]
     assert len(list((tmp_path / "hungary" / "blobs").rglob("*.corrupt"))) == 2
+
+
+def test_orchestrator_drops_a_stored_update_whose_file_was_damaged(fresh_mosquitto, tmp_path):
+    with FederationHarness.heart(fresh_mosquitto, tmp_path, rounds=2, sites=("cleveland", "hungary"),
+                                 round_timeout=4.0, orchestrator={"quorum": 1}) as fed:
+        fed.start_all()
+        fed.watch.wait_for(lambda e: site_state("cleveland", "training")(e) and "round 2" in e.message.detail, 90,
+                           what="cleveland training round 2")
+        fed.stop("cleveland")  # round 2 stays open with hungary's update alone
+        ack = fed.watch.wait_for(lambda e: isinstance(e.message, UpdateAck) and "/to/hungary/" in e.topic
+                                 and e.message.round_id.endswith("r2-a1") and e.message.accepted, 60,
+                                 what="hungary's round-2 update accepted")
+        fed.kill(ORCHESTRATOR)
+        damage(BlobStore(fed.state_dir / "blobs").path(ack.message.blob_id))
+        fed.start(ORCHESTRATOR)
+        fed.cont("cleveland")
+        fed.wait_finished(120)
+    outcome = check_outcome(fed.state_dir, 2, {"cleveland"})
+    assert outcome.accepted[2] == {"cleveland"}, "a damaged update was aggregated or the good one lost"
+    log = fed.log(ORCHESTRATOR)
+    assert "stored update of hungary" in log and "Traceback" not in log, log[-3000:]
