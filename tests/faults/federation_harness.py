@@ -133,8 +133,8 @@ class FederationHarness:
         orch, agents = heart_settings(broker.url, root, DemoOptions(rounds=rounds, local_steps=local_steps,
                                                                     round_timeout=round_timeout, seed=seed),
                                       sites=sites)
-        orch = orch.model_copy(update={"federation": "faults", "training": orch.training.model_copy(update=training or {}),
-                                       **(orchestrator or {})})
+        rounds_training = orch.training.model_copy(update=training or {})
+        orch = orch.model_copy(update={"federation": "faults", "training": rounds_training, **(orchestrator or {})})
         agents = [a.model_copy(update={"federation": "faults", "heartbeat_seconds": 2.0, "ack_timeout": 5.0,
                                        **(agent or {})}) for a in agents]
         return cls(broker, root, orch, agents)
