@@ -16,7 +16,9 @@ help. When no version appears for ``--stall-seconds`` the soak records a stall a
 an operator would (restarts every agent), so the run still ends; stalls are reported.
 
 Reported per run: wall time, rounds, failed round attempts, the final version's pooled test
-accuracy (the evaluation round on the final model), and the same checks as the fault
+accuracy (the evaluation round on the final model), how many versions are bit-identical to
+the clean run's (training is seeded per site and round, so a round aggregated from the same
+updates gives the same bytes), and the same checks as the fault
 suite's (``check_outcome``: contiguous lineage, contributors equal to the updates the journal
 accepted for each round, nothing counted twice); for the faulty run the counts of each fault
 injected and survived.
@@ -41,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.registry import ModelRegistry  # noqa: E402
 from shared.broker import start_mosquitto  # noqa: E402
 from shared.protocol import ModelPublished  # noqa: E402
 from tests.faults.federation_harness import ORCHESTRATOR, FederationHarness, check_outcome  # noqa: E402
@@ -133,7 +136,10 @@ def run(rounds: int, seed: int, faults: bool, mean_gap: float, round_timeout: fl
         fed.close()
         fed.broker.stop()
     outcome = check_outcome(fed.state_dir, rounds)
-    return {"faults": faults, "wall_seconds": wall, "rounds": rounds, "versions": outcome.versions,
+    registry = ModelRegistry.open(fed.state_dir)
+    shas = [v.sha256 for v in registry.list()]
+    registry.conn.close()
+    return {"version_sha256": shas, "faults": faults, "wall_seconds": wall, "rounds": rounds, "versions": outcome.versions,
             "failed_attempts": outcome.failed_attempts, "final_pooled_accuracy": outcome.final_accuracy,
             "full_rounds": sum(len(s) == len(fed.sites) for s in outcome.accepted.values()),
             "injected": dict(injected), "survived": dict(survived), "restarts_after_exit": dict(restarts),
@@ -145,10 +151,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mean-gap", type=float, default=2.0, help="mean seconds between faults (exponential)")
+    ap.add_argument("--mean-gap", type=float, default=1.5, help="mean seconds between faults (exponential)")
     ap.add_argument("--round-timeout", type=float, default=10.0)
     ap.add_argument("--stall-seconds", type=float, default=120.0)
-    ap.add_argument("--local-steps", type=int, default=20)
+    ap.add_argument("--local-steps", type=int, default=100, help="the demo's")
     ap.add_argument("--skip-clean", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -156,10 +162,13 @@ def main() -> None:
     common = dict(rounds=args.rounds, seed=args.seed, mean_gap=args.mean_gap, round_timeout=args.round_timeout,
                   stall_seconds=args.stall_seconds, local_steps=args.local_steps)
     results["faulty"] = run(faults=True, **common)
-    print(json.dumps(results["faulty"], indent=1), flush=True)
+    print(json.dumps({k: v for k, v in results["faulty"].items() if k != "version_sha256"}, indent=1), flush=True)
     if not args.skip_clean:
         results["clean"] = run(faults=False, **common)
-        print(json.dumps(results["clean"], indent=1), flush=True)
+        print(json.dumps({k: v for k, v in results["clean"].items() if k != "version_sha256"}, indent=1), flush=True)
+    if "clean" in results:
+        same = sum(a == b for a, b in zip(results["faulty"]["version_sha256"], results["clean"]["version_sha256"]))
+        results["identical_versions"] = same
     results["machine"] = machine()
     print("\n| run | wall s | versions | failed attempts | rounds with all 4 sites | final pooled accuracy |")
     print("|---|---|---|---|---|---|")
@@ -172,6 +181,9 @@ def main() -> None:
     print("\n| fault | injected | survived (new version without help) |\n|---|---|---|")
     for kind in FAULTS:
         print(f"| {kind} | {f['injected'].get(kind, 0)} | {f['survived'].get(kind, 0)} |")
+    if "identical_versions" in results:
+        print(f"\nversions bit-identical (sha256) to the clean run's: {results['identical_versions']} of "
+              f"{len(f['version_sha256'])}")
     print(f"\nstalls needing an operator: {f['stalls']}; daemons restarted after exiting on their own: "
           f"{f['restarts_after_exit']}\n{results['machine']}")
     if args.json:
