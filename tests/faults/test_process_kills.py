@@ -95,30 +95,26 @@ def test_agent_killed_mid_upload_then_mid_training(harness):
     assert "was not acknowledged before the restart" in fed.log("hungary")
 
 
-def test_agent_frozen_past_the_deadline_is_not_counted_then_rejoins(harness):
+def test_agent_frozen_past_a_deadline_then_offline_for_rounds_catches_up(harness):
     timeout = 4.0
-    fed = harness(rounds=3, sites=SITES, local_steps=100, round_timeout=timeout, orchestrator={"quorum": 1})
-    fed.start_all()
-    fed.watch.wait_for(site_state("hungary", "training"), 90, what="hungary training")
+    # 500 local steps: the freeze must land while hungary trains, not after it sent its update.
+    fed = harness(rounds=6, sites=SITES, local_steps=500, round_timeout=timeout,
+                  orchestrator={"min_sites": 1, "quorum": 1})
+    fed.start_watching()
+    fed.start(ORCHESTRATOR)
+    fed.start("hungary")  # alone at first, so that round 1 is the one it is frozen in
+    fed.watch.wait_for(site_state("hungary", "training"), 90, what="hungary training round 1")
     fed.stop("hungary")
+    fed.start("cleveland")
     mark = fed.watch.mark()
-    fed.watch.wait_for(published(1), timeout + 30, since=mark, what="round 1 closing without hungary")
+    fed.watch.wait_for(published(1), timeout + 30, since=mark, what="the round closing without hungary")
     fed.cont("hungary")
-    refused = fed.watch.wait_for(lambda e: isinstance(e.message, UpdateAck) and "/to/hungary/" in e.topic, 30,
-                                 since=mark, what="an answer to hungary's late update")
-    assert not refused.message.accepted and "not open" in (refused.message.reason or "")
-    fed.wait_finished(120)
-    outcome = check_outcome(fed.state_dir, 3, set(SITES))
-    assert outcome.accepted[1] == {"cleveland"}, "a late update was counted"
-
-
-def test_agent_offline_for_many_rounds_catches_up(harness):
-    fed = harness(rounds=6, sites=SITES, round_timeout=5.0, orchestrator={"min_sites": 1, "quorum": 1})
-    fed.start_all()
-    fed.watch.wait_for(published(1), 90, what="version 1")
+    late = fed.watch.wait_for(lambda e: isinstance(e.message, UpdateAck) and "/to/hungary/" in e.topic, 30,
+                              since=mark, what="an answer to hungary's late update")
+    assert not late.message.accepted and "not open" in (late.message.reason or "")
     fed.kill("hungary")
     mark = fed.watch.mark()
-    fed.watch.wait_for(published(4), 120, since=mark, what="three rounds without hungary")
+    fed.watch.wait_for(published(3), 120, since=mark, what="two more rounds without hungary")
     # Hold the federation while hungary starts, or the last rounds are over before it is up.
     fed.stop(ORCHESTRATOR)
     mark = fed.watch.mark()
@@ -127,4 +123,6 @@ def test_agent_offline_for_many_rounds_catches_up(harness):
     fed.cont(ORCHESTRATOR)
     fed.wait_finished(120)
     outcome = check_outcome(fed.state_dir, 6, set(SITES))
-    assert all("hungary" not in outcome.accepted[r] for r in (3, 4)), "hungary contributed while it was down"
+    assert outcome.accepted[1] == {"cleveland"}, "a late update was counted"
+    assert all("hungary" not in outcome.accepted[r] for r in (2, 3)), \
+        "hungary contributed while it was down"
