@@ -115,7 +115,6 @@ class FederationHarness:
         self.settings.update({a.site_id: a for a in agents})
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopped: set[str] = set()
-        self.starts: dict[str, int] = {}
         self.watch = Watch()
         self.topics = Topics(orchestrator.federation)
         self._monitor: Transport | None = None
@@ -194,7 +193,6 @@ class FederationHarness:
             proc = subprocess.Popen([sys.executable, "-m", "fedmq", *args], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
         self.procs[name] = proc
-        self.starts[name] = self.starts.get(name, 0) + 1
         return proc
 
     def start_all(self) -> None:
