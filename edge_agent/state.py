@@ -5,6 +5,11 @@ acknowledged) and ``agent.json``, rewritten atomically. An update is written her
 it is published, and dropped only when the orchestrator acknowledges it, so a crash between
 training and acknowledgement resends the same bytes instead of retraining or losing work.
 
+A damaged state directory is never used as if it were whole: an unreadable ``agent.json``
+stops the agent with ``StateError`` (it holds the privacy ledger, which must not silently
+start afresh), and an unacknowledged update whose file is missing or corrupted is dropped
+with a warning, so the round is trained again instead of sending wrong bytes.
+
 ``agent.json`` also holds the site's DP-SGD privacy ledger: every step ever charged, written
 *before* the steps are taken, so a crash can only over-count (the safe side) and a restarted
 or reinstalled agent with the same state directory never starts its budget afresh.
@@ -12,17 +17,24 @@ or reinstalled agent with the same state directory never starts its budget afres
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from shared.blobstore import BlobStore
 from shared.protocol import PrivacySpent, UpdateReport
 
+log = logging.getLogger(__name__)
+
 MAX_REMEMBERED_ROUNDS = 1000
+
+
+class StateError(RuntimeError):
+    """The agent's state directory cannot be used as it is; the message says how to repair it."""
 
 
 class PendingUpdate(BaseModel):
@@ -53,7 +65,24 @@ class AgentState:
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.root / "blobs")
         self._file = self.root / "agent.json"
-        self.record = AgentRecord.model_validate_json(self._file.read_text()) if self._file.exists() else AgentRecord()
+        self.record = self._load()
+        pending = self.record.pending
+        if pending is not None and pending.blob is not None and pending.blob not in self.blobs:
+            log.warning("the unacknowledged update for %s is missing or corrupted in %s; dropped, the round will be "
+                        "trained again", pending.report.round_id, self.blobs.root)
+            self.record.pending = None
+            self.save()
+
+    def _load(self) -> AgentRecord:
+        if not self._file.exists():
+            return AgentRecord()
+        try:
+            return AgentRecord.model_validate_json(self._file.read_bytes())
+        except (ValidationError, OSError) as e:
+            raise StateError(f"{self._file} is unreadable ({str(e).splitlines()[0]}); it holds this site's "
+                             "unacknowledged update and its DP-SGD privacy ledger. Restore it from a backup; if "
+                             "there is none and the site does not use DP-SGD, move it away and restart (the agent "
+                             "starts afresh and trains the next round)") from None
 
     def save(self) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".agent-")

@@ -68,6 +68,8 @@ def _serve(kind: str, settings_cls: type, service_cls: Callable, config: Optiona
     """Load settings (flags > env > file), then run the daemon until a signal stops it."""
     from pydantic import ValidationError
 
+    from edge_agent.state import StateError
+    from orchestrator.registry import RegistryError
     from shared.config import load_settings
     from shared.transport import TransportError
 
@@ -78,12 +80,12 @@ def _serve(kind: str, settings_cls: type, service_cls: Callable, config: Optiona
     setup_logging(settings.log_level)
     try:
         service = service_cls(settings)
-    except (TransportError, ValueError) as e:  # a bad broker URL, unusable TLS files, an inconsistent setting
-        _fail(f"cannot start the {kind}: {e}")
+    except (TransportError, ValueError, RegistryError, StateError) as e:  # a bad broker URL, unusable TLS files,
+        _fail(f"cannot start the {kind}: {e}")  # an inconsistent setting, a damaged state directory (says how to repair)
     try:
         # An unreachable broker is waited for inside run(); only a refusal retrying cannot fix ends up here.
         service.run(_stop_on_signals())
-    except TransportError as e:
+    except (TransportError, RegistryError, StateError) as e:
         _fail(str(e))
 
 

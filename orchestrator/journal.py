@@ -158,6 +158,11 @@ class RoundJournal:
                                            time.time()))
         return cur.rowcount == 1
 
+    def drop_update(self, round_id: str, site: str) -> None:
+        """Forget a stored update whose file was lost: the round must not count what it cannot read."""
+        with self.conn:
+            self.conn.execute("DELETE FROM updates WHERE round_id=? AND site=?", (round_id, site))
+
     def updates(self, round_id: str) -> list[StoredUpdate]:
         rows = self.conn.execute("SELECT site, blob, num_samples, report FROM updates WHERE round_id=? ORDER BY site",
                                  (round_id,)).fetchall()

@@ -10,14 +10,17 @@ the round that produced it are committed together.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.blobstore import BlobStore
+from shared.blobstore import BlobStore, BlobStoreError
 from shared.protocol import EvalMetrics, PrivacySpent
 
 SCHEMA = """
@@ -47,6 +50,37 @@ CREATE TABLE IF NOT EXISTS evaluations (
 
 class RegistryError(LookupError):
     """A version that does not exist, or a registry that cannot be opened."""
+
+
+class StorageError(RegistryError):
+    """The state directory cannot be read or written: a damaged database or file, or a full disk."""
+
+
+@contextmanager
+def guarded_storage(state_dir: Path, doing: str) -> Iterator[None]:
+    """Turn a failure of the state directory into a ``StorageError`` that says what to do.
+
+    SQLite rolls back the transaction that failed and blobs are written by rename, so after
+    any of these the registry holds exactly what it held before: nothing to repair, only the
+    cause to remove.
+    """
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise StorageError(f"cannot {doing}: no space left under {state_dir} ({e}); free space there, the "
+                               "registry is unchanged") from e
+        raise StorageError(f"cannot {doing}: the registry database in {state_dir} is damaged ({e}); restore "
+                           "orchestrator.sqlite (with its -wal file) from a backup of the state directory, or "
+                           "move the directory away to start a new federation from version 0") from e
+    except BlobStoreError as e:
+        raise StorageError(f"cannot {doing}: {e}; restore the blobs directory of {state_dir} from a backup") from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"cannot {doing}: no space left under {state_dir} ({e.strerror}); free space "
+                               "there, the registry is unchanged") from e
+        raise StorageError(f"cannot {doing}: {e}; check the state directory {state_dir} (permissions, the "
+                           "disk)") from e
 
 
 @dataclass(frozen=True)
@@ -85,10 +119,20 @@ def pool_metrics(per_site: dict[str, EvalMetrics]) -> EvalMetrics | None:
 
 
 def open_database(path: Path) -> sqlite3.Connection:
+    """Open (or create) the registry database; a damaged file raises ``StorageError`` before any use.
+
+    ``quick_check`` reads every page once: the registry holds rows, not models, so this costs
+    milliseconds and catches a truncated or overwritten file at start instead of mid-round.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    with guarded_storage(path.parent, f"open {path}"):
+        conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            conn.close()
+            raise sqlite3.DatabaseError(f"quick_check found: {'; '.join(problems[:5])}")
     return conn
 
 
@@ -181,4 +225,6 @@ class ModelRegistry:
         return self._from_row(row) if row else None
 
     def model_bytes(self, version: int) -> bytes:
-        return self.blobs.get(self.get(version).sha256)
+        """The ONNX file of ``version``; ``StorageError`` when it is missing or corrupted on disk."""
+        with guarded_storage(self.blobs.root.parent, f"read the model of version {version}"):
+            return self.blobs.get(self.get(version).sha256)

@@ -12,7 +12,11 @@ With secure aggregation a train round's collection runs the protocol's phases in
 is retried when too few sites remain.
 
 Everything needed to resume lives in the journal and the registry: a restarted engine
-reopens the open attempt with the updates already stored.
+reopens the open attempt with the updates already stored. When the state directory fails
+(a full disk, a damaged file) nothing half-written is kept: an update that cannot be stored
+is refused with the reason, a round that cannot be opened is tried again on a later tick,
+and a round that cannot be closed stops the engine with a ``StorageError`` saying what to do
+(the strategy may already have advanced, so only a restart from the registry is safe).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import onnx
 
 from orchestrator.journal import RoundJournal, RoundRecord
-from orchestrator.registry import ModelRegistry, ModelVersion, pool_metrics
+from orchestrator.registry import ModelRegistry, ModelVersion, StorageError, guarded_storage, pool_metrics
 from orchestrator.sampling import NotEnoughSites, select_sites
 from orchestrator.secure_round import SecAggPublisher, SecureRound, SecureRoundError
 from orchestrator.strategies import SECURE_SUM_STRATEGIES, Aggregation, Strategy
@@ -137,6 +141,7 @@ class RoundEngine:
         self.state = "waiting"
         self.current: _Open | None = None
         self._waiting_logged = False
+        self._storage_problem: str | None = None  # what the state directory refused last, told once
         # Client-level DP needs more of the engine than the generic Strategy interface offers: the
         # round's size for noise shares, the sites' clipping reports, the budget, the privacy record.
         self._private = strategy if isinstance(strategy, DPFedAvg) else None
@@ -150,7 +155,16 @@ class RoundEngine:
 
     # start-up ---------------------------------------------------------------------------------
     def start(self, initial_model: Callable[[], bytes]) -> None:
-        """Create version 0 if the registry is empty, restore strategy state, reopen an open round."""
+        """Create version 0 if the registry is empty, restore strategy state, reopen an open round.
+
+        Raises ``StorageError`` when the registry cannot be used (the latest model or the
+        strategy state is missing or corrupted, the disk is full): resuming from it would
+        publish wrong results.
+        """
+        with guarded_storage(self.settings.state_dir, "resume from the registry"):
+            self._start(initial_model)
+
+    def _start(self, initial_model: Callable[[], bytes]) -> None:
         latest = self.registry.latest()
         if latest is None:
             model = initial_model()
@@ -161,8 +175,10 @@ class RoundEngine:
                                                    training=self.settings.training.model_dump(), note="initial model")
             log.info("registered the initial model as version 0 (sha256 %s)", latest.sha256[:12])
             self.publisher.model_published(latest)
-        elif latest.strategy_state:
-            self.strategy.load_state(_load_state(self.registry.blobs.get(latest.strategy_state)))
+        else:
+            self.registry.model_bytes(latest.version)  # verified now rather than when the next round opens
+            if latest.strategy_state:
+                self.strategy.load_state(_load_state(self.registry.blobs.get(latest.strategy_state)))
         record = self.journal.open_round()
         if record is not None and TrainingConfig.model_validate(record.training).secure_aggregation is not None:
             detail = ("the orchestrator restarted during secure aggregation, whose keys live only in memory; "
@@ -230,7 +246,7 @@ class RoundEngine:
         if version.parent is None:
             return full, None, blobs
         parent = self.registry.get(version.parent)
-        base = float_initializers(load_model_bytes(self.registry.blobs.get(parent.sha256)))
+        base = float_initializers(load_model_bytes(self.registry.model_bytes(parent.version)))
         data = encode_model_delta(base, float_initializers(load_model_bytes(model)))
         if len(data) > DELTA_WORTH_IT * len(packed):  # dense training changes nearly every weight
             return full, None, blobs
@@ -240,7 +256,7 @@ class RoundEngine:
 
     def _open(self, record: RoundRecord) -> None:
         version = self.registry.get(record.base_version)
-        model = self.registry.blobs.get(version.sha256)
+        model = self.registry.model_bytes(version.version)
         shapes = {k: v.shape for k, v in float_initializers(load_model_bytes(model)).items()}
         full, delta, blobs = self._downlink(version, model)
         command = RoundCommand(
@@ -254,11 +270,26 @@ class RoundEngine:
             layout = UpdateLayout.for_round(shapes, command.training.local_parameters,
                                             command.training.secure_aggregation)
             secure = SecureRound(command, layout, self._ca, self.clock)
-        self.current = _Open(record, command, shapes,
-                             reported={u.site for u in self.journal.updates(record.round_id)}, secure=secure)
+        self.current = _Open(record, command, shapes, reported=self._readable_updates(record), secure=secure)
         self.state = "collecting" if record.kind == "train" else "evaluating"
         self.publisher.announce(command, blobs)
         self.publisher.status(self.state)
+
+    def _readable_updates(self, record: RoundRecord) -> set[str]:
+        """Sites whose stored update for this attempt is intact; one whose file was lost or damaged is dropped.
+
+        The site was acknowledged and no longer holds it, so the round goes on without it (the
+        deadline and the quorum decide) rather than stopping at aggregation on every restart.
+        """
+        readable = set()
+        for update in self.journal.updates(record.round_id):
+            if update.blob is not None and update.blob not in self.registry.blobs:
+                log.warning("round %d: the stored update of %s (%s) is missing or corrupted in %s; dropped, the round "
+                            "goes on without it", record.round, update.site, update.blob[:12], self.registry.blobs.root)
+                self.journal.drop_update(record.round_id, update.site)
+                continue
+            readable.add(update.site)
+        return readable
 
     def _next_round(self) -> int:
         latest = self.registry.latest()
@@ -315,8 +346,13 @@ class RoundEngine:
         """End the open attempt without a new version; the next tick announces a fresh attempt."""
         assert self.current is not None
         rec = self.current.record
+        try:
+            with guarded_storage(self.settings.state_dir, f"record that round {rec.round} failed"):
+                self.journal.fail(rec.round_id, detail)
+        except StorageError as e:
+            self._storage_failed(self.state, f"{e}; trying again")  # the attempt stays open until it is recorded
+            return
         log.error("round %d attempt %d %s; retrying", rec.round, rec.attempt, detail)
-        self.journal.fail(rec.round_id, detail)
         self.current = None
         self.publisher.round_ended(rec.round_id)
         self.publisher.round_failed(rec, detail)
@@ -362,11 +398,18 @@ class RoundEngine:
             log.error("giving up: round %d failed %d attempts", round_no, self.settings.max_attempts)
             return
         tag = "eval" if kind == "evaluate" else "r"
-        record = self.journal.begin(
-            round_id=f"{self.settings.federation}-{tag}{round_no}-a{attempt}", round=round_no, attempt=attempt,
-            kind=kind, base_version=latest.version, selected=selected,
-            training=self._training(self.registry.blobs.get(latest.sha256), selected, kind).model_dump(mode="json"),
-            deadline=self.clock() + self.settings.round_timeout)
+        try:
+            with guarded_storage(self.settings.state_dir, f"open round {round_no}"):
+                record = self.journal.begin(
+                    round_id=f"{self.settings.federation}-{tag}{round_no}-a{attempt}", round=round_no,
+                    attempt=attempt, kind=kind, base_version=latest.version, selected=selected,
+                    training=self._training(self.registry.model_bytes(latest.version), selected,
+                                            kind).model_dump(mode="json"),
+                    deadline=self.clock() + self.settings.round_timeout)
+        except StorageError as e:
+            self._storage_failed("waiting", f"{e}; trying again")
+            return
+        self._storage_problem = None
         log.info("round %d attempt %d (%s): model v%d to %s", round_no, attempt, kind, latest.version, selected)
         self._open(record)
 
@@ -444,8 +487,13 @@ class RoundEngine:
                 raise UpdateRejected(f"update does not decode against model v{record.base_version}: {e}",
                                      "bad_update") from None
             self._check_magnitude(decoded)
-        blob = self.registry.blobs.put(update) if update is not None else None
-        fresh = self.journal.add_update(record.round_id, site, blob, report)
+        try:
+            with guarded_storage(self.settings.state_dir, f"store the update of {site}"):
+                blob = self.registry.blobs.put(update) if update is not None else None
+                fresh = self.journal.add_update(record.round_id, site, blob, report)
+        except StorageError as e:
+            self._storage_failed(self.state, str(e))
+            raise UpdateRejected(f"the orchestrator could not store it ({e}); it is not counted", "storage") from None
         self.current.reported.add(site)
         if fresh:
             log.info("round %d: update from %s (%d samples)", record.round, site, report.num_samples)
@@ -461,8 +509,25 @@ class RoundEngine:
                                      f"{limit:g}; an honest update is far smaller (raise FEDMQ_MAX_UPDATE_ABS only "
                                      "if this model really needs it)", "absurd_values")
 
+    def _storage_failed(self, state: str, detail: str) -> None:
+        """Tell the operator (log and status) what the state directory refused, once until it changes."""
+        if detail != self._storage_problem:
+            log.error("%s", detail)
+            self.publisher.status(state, detail)
+        self._storage_problem = detail
+
     # closing ----------------------------------------------------------------------------------
     def _close(self) -> None:
+        """Aggregate, version and record the round; ``StorageError`` (after telling the operator) if it cannot."""
+        try:
+            with guarded_storage(self.settings.state_dir, "record the round's result"):
+                self._close_round()
+        except StorageError as e:
+            self._storage_failed(self.state, f"{e}; stopping: restart the orchestrator once that is fixed, the "
+                                             "open round resumes with the updates it has")
+            raise
+
+    def _close_round(self) -> None:
         assert self.current is not None
         rec = self.current.record
         updates = self.journal.updates(rec.round_id)

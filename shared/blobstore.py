@@ -1,7 +1,10 @@
 """Content-addressed files on disk: the name of a blob is the sha256 of its bytes.
 
 Both sides keep models and updates this way, so a restarted process finds exactly what it
-had, a duplicate write is a no-op, and a corrupted file is detected on read.
+had and a duplicate write is a no-op. A file whose bytes no longer match its name (a bad
+disk, a truncated copy) is detected whenever it is looked up or read, moved aside as
+``<sha256>.corrupt`` (kept for inspection, never served) and reported missing, so the blob
+is fetched or written again instead of being used.
 """
 
 from __future__ import annotations
@@ -24,11 +27,19 @@ class BlobStore:
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
+    def _intact(self, sha256: str, data: bytes) -> bool:
+        """True when ``data`` is the blob; otherwise its file is moved aside so that it is never used again."""
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return True
+        path = self.path(sha256)
+        os.replace(path, path.with_name(f"{sha256}.corrupt"))
+        return False
+
     def put(self, data: bytes) -> str:
         """Store bytes atomically (temp file + rename) and return their sha256."""
         digest = hashlib.sha256(data).hexdigest()
         target = self.path(digest)
-        if target.exists():
+        if digest in self:
             return digest
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
@@ -48,10 +59,14 @@ class BlobStore:
             data = self.path(sha256).read_bytes()
         except FileNotFoundError:
             raise BlobStoreError(f"blob {sha256} is not in {self.root}") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise BlobStoreError(f"blob {sha256} in {self.root} is corrupted (hash mismatch); delete it so it is "
-                                 "fetched again")
+        if not self._intact(sha256, data):
+            raise BlobStoreError(f"blob {sha256} in {self.root} was corrupted (its bytes no longer match its sha256); "
+                                 f"moved aside to {sha256}.corrupt")
         return data
 
     def __contains__(self, sha256: str) -> bool:
-        return self.path(sha256).exists()
+        """Present and intact (a corrupted file is moved aside and counts as missing)."""
+        try:
+            return self._intact(sha256, self.path(sha256).read_bytes())
+        except FileNotFoundError:
+            return False

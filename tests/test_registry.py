@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.state import AgentState
 from orchestrator.journal import RoundJournal
-from orchestrator.registry import ModelRegistry, RegistryError, open_database, pool_metrics
+from orchestrator.registry import ModelRegistry, RegistryError, StorageError, open_database, pool_metrics
 from shared.blobstore import BlobStore, BlobStoreError
 from shared.protocol import EvalMetrics, UpdateReport
 
@@ -212,8 +212,12 @@ def test_blobstore_detects_corruption(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "blobs")
     sha = store.put(b"model bytes")
     store.path(sha).write_bytes(b"model bytez")
-    with pytest.raises(BlobStoreError, match=rf"blob {sha} in .* is corrupted \(hash mismatch\); delete it"):
+    with pytest.raises(BlobStoreError, match=rf"blob {sha} in .* was corrupted .*; moved aside to {sha}.corrupt"):
         store.get(sha)
+    assert sha not in store and store.path(sha).with_name(f"{sha}.corrupt").read_bytes() == b"model bytez"
+    assert store.put(b"model bytes") == sha and store.get(sha) == b"model bytes"  # written again, served again
+    store.path(sha).write_bytes(b"model bytez")
+    assert sha not in store, "a corrupted blob counted as present"
     missing = "0" * 64
     with pytest.raises(BlobStoreError, match=rf"blob {missing} is not in"):
         store.get(missing)
@@ -222,7 +226,7 @@ def test_blobstore_detects_corruption(tmp_path: Path) -> None:
 def test_registry_refuses_a_corrupted_model(orch: Orchestrator) -> None:
     v = orch.add(b"m0", parent=None, round=None)
     orch.registry.blobs.path(v.sha256).write_bytes(b"tampered")
-    with pytest.raises(BlobStoreError, match="corrupted"):
+    with pytest.raises(StorageError, match="corrupted.*restore the blobs directory"):
         orch.registry.model_bytes(0)
 
 
