@@ -229,7 +229,11 @@ class EdgeAgent:
                                retain=True)
 
     def _report_progress(self, progress: RoundProgress, detail: str, *, force: bool = False) -> None:
-        """Show how far the round's phase is; at most one status per ``progress_interval`` unless ``force``."""
+        """Show how far the round's phase is; at most one status per ``progress_interval`` unless ``force``.
+
+        Only a phase's start is forced (the state changes). Progress held back by the throttle
+        is not lost: the next status (at the latest the heartbeat) carries it.
+        """
         self._progress = progress
         if force or time.monotonic() - self._status_published >= self.settings.progress_interval:
             self.set_status(progress.phase, detail)
@@ -544,7 +548,7 @@ class EdgeAgent:
 
             def on_step(done: int, planned: int) -> None:
                 self._report_progress(self._progress_of(cmd, "training", steps_done=done, steps_total=planned),
-                                      detail, force=done == planned)
+                                      detail)
 
             result = train(load_model_bytes(start_bytes), data.x_train, data.y_train, cfg, seed=seed, dp=dp,
                            on_step=on_step)
@@ -676,8 +680,7 @@ class EdgeAgent:
                                                         bytes_done=min(size, (index + 1) * report.update.chunk_size)),
                                       detail)
         self._ack_due = time.monotonic() + self.settings.ack_timeout
-        self._report_progress(self._progress_of(report, "uploading", bytes_done=size, bytes_total=size), detail,
-                              force=True)
+        self._report_progress(self._progress_of(report, "uploading", bytes_done=size, bytes_total=size), detail)
 
 
 def _kb(size: int) -> str:
