@@ -244,8 +244,30 @@ class EdgeAgent:
 
     def _fail(self, code: str, message: str, round_id: str | None) -> None:
         """Report an error on the status, with its stable code and what to do (``ERROR_CODES``)."""
+        message = self._without_local_paths(message)
         self._last_error = ErrorInfo.of(code, message[:2000], round_id)
         self.set_status("error", message)
+
+    def _without_local_paths(self, message: str) -> str:
+        """The text with this agent's configured files and their folders named by setting, not by path.
+
+        Errors from libraries (a missing certificate file, say) quote paths; the status topic is
+        read by the whole federation, which has no business knowing the hospital's file layout.
+        """
+        s = self.settings
+        names: dict[str, str] = {}
+        for setting in ("data_train", "data_test", "state_dir", "tls_ca", "tls_cert", "tls_key", "tls_crl",
+                        "identity_cert", "identity_key", "identity_ca", "identity_crl"):
+            path = getattr(s, setting)
+            if path is None:
+                continue
+            for variant in (Path(path), Path(path).resolve()):
+                names.setdefault(str(variant), f"<{setting}>")
+                if len(variant.parent.parts) > 2:  # not "/" nor a top-level folder like /tmp
+                    names.setdefault(str(variant.parent), f"<folder of {setting}>")
+        for text in sorted(names, key=len, reverse=True):
+            message = message.replace(text, names[text])
+        return message
 
     def _round_name(self, round_no: int) -> str:
         return f"round {round_no}/{self._rounds_total}" if self._rounds_total else f"round {round_no}"
