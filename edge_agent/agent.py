@@ -46,9 +46,10 @@ from shared.onnx_model import (float_initializers, load_model_bytes, model_to_by
                                unpack_model)
 from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
 from shared.privacy.secagg_layout import MASKED_MEDIA_TYPE, UpdateLayout, quantize_update, site_weight
-from shared.protocol import (AgentResources, BlobManifest, ChunkRequest, ErrorInfo, EvalMetrics, OrchestratorStatus, PrivacySpent,
-                             ProtocolError, RoundCommand, RoundProgress, SecAggRoster, SecAggShares, SecAggUnmask,
-                             SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport, parse_message)
+from shared.protocol import (AgentResources, BlobManifest, ChunkRequest, ErrorInfo, EvalMetrics, OrchestratorStatus,
+                             PrivacySpent, ProtocolError, RoundCommand, RoundProgress, SecAggRoster, SecAggShares,
+                             SecAggUnmask, SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport,
+                             parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
@@ -515,7 +516,7 @@ class EdgeAgent:
             self._fail("model.unusable", f"model v{cmd.model_version} cannot run here: {e}", cmd.round_id)
             self.command = None
             return
-        except Exception as e:  # noqa: BLE001 - a bug must cost one round, not the hospital's agent
+        except Exception as e:  # a bug must cost one round, not the hospital's agent
             log.exception("unexpected error in %s; reported as agent.internal, the agent goes on", cmd.round_id)
             self._fail("agent.internal", f"unexpected {type(e).__name__} in round {cmd.round}; the agent's log has "
                        "the traceback", cmd.round_id)
