@@ -46,9 +46,10 @@ from shared.onnx_model import (float_initializers, load_model_bytes, model_to_by
                                unpack_model)
 from shared.privacy.dp import add_noise_with_std, clip_update, system_rng
 from shared.privacy.secagg_layout import MASKED_MEDIA_TYPE, UpdateLayout, quantize_update, site_weight
-from shared.protocol import (AgentResources, BlobManifest, ChunkRequest, ErrorInfo, EvalMetrics, OrchestratorStatus, PrivacySpent,
-                             ProtocolError, RoundCommand, RoundProgress, SecAggRoster, SecAggShares, SecAggUnmask,
-                             SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport, parse_message)
+from shared.protocol import (AgentResources, BlobManifest, ChunkRequest, ErrorInfo, EvalMetrics, OrchestratorStatus,
+                             PrivacySpent, ProtocolError, RoundCommand, RoundProgress, SecAggRoster, SecAggShares,
+                             SecAggUnmask, SiteState, SiteStatus, TaskSpec, TrainingConfig, UpdateAck, UpdateReport,
+                             parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 
@@ -229,7 +230,11 @@ class EdgeAgent:
                                retain=True)
 
     def _report_progress(self, progress: RoundProgress, detail: str, *, force: bool = False) -> None:
-        """Show how far the round's phase is; at most one status per ``progress_interval`` unless ``force``."""
+        """Show how far the round's phase is; at most one status per ``progress_interval`` unless ``force``.
+
+        Only a phase's start is forced (the state changes). Progress held back by the throttle
+        is not lost: the next status (at the latest the heartbeat) carries it.
+        """
         self._progress = progress
         if force or time.monotonic() - self._status_published >= self.settings.progress_interval:
             self.set_status(progress.phase, detail)
@@ -240,8 +245,30 @@ class EdgeAgent:
 
     def _fail(self, code: str, message: str, round_id: str | None) -> None:
         """Report an error on the status, with its stable code and what to do (``ERROR_CODES``)."""
+        message = self._without_local_paths(message)
         self._last_error = ErrorInfo.of(code, message[:2000], round_id)
         self.set_status("error", message)
+
+    def _without_local_paths(self, message: str) -> str:
+        """The text with this agent's configured files and their folders named by setting, not by path.
+
+        Errors from libraries (a missing certificate file, say) quote paths; the status topic is
+        read by the whole federation, which has no business knowing the hospital's file layout.
+        """
+        s = self.settings
+        names: dict[str, str] = {}
+        for setting in ("data_train", "data_test", "state_dir", "tls_ca", "tls_cert", "tls_key", "tls_crl",
+                        "identity_cert", "identity_key", "identity_ca", "identity_crl"):
+            path = getattr(s, setting)
+            if path is None:
+                continue
+            for variant in (Path(path), Path(path).resolve()):
+                names.setdefault(str(variant), f"<{setting}>")
+                if len(variant.parent.parts) > 2:  # not "/" nor a top-level folder like /tmp
+                    names.setdefault(str(variant.parent), f"<folder of {setting}>")
+        for text in sorted(names, key=len, reverse=True):
+            message = message.replace(text, names[text])
+        return message
 
     def _round_name(self, round_no: int) -> str:
         return f"round {round_no}/{self._rounds_total}" if self._rounds_total else f"round {round_no}"
@@ -489,7 +516,7 @@ class EdgeAgent:
             self._fail("model.unusable", f"model v{cmd.model_version} cannot run here: {e}", cmd.round_id)
             self.command = None
             return
-        except Exception as e:  # noqa: BLE001 - a bug must cost one round, not the hospital's agent
+        except Exception as e:  # a bug must cost one round, not the hospital's agent
             log.exception("unexpected error in %s; reported as agent.internal, the agent goes on", cmd.round_id)
             self._fail("agent.internal", f"unexpected {type(e).__name__} in round {cmd.round}; the agent's log has "
                        "the traceback", cmd.round_id)
@@ -544,7 +571,7 @@ class EdgeAgent:
 
             def on_step(done: int, planned: int) -> None:
                 self._report_progress(self._progress_of(cmd, "training", steps_done=done, steps_total=planned),
-                                      detail, force=done == planned)
+                                      detail)
 
             result = train(load_model_bytes(start_bytes), data.x_train, data.y_train, cfg, seed=seed, dp=dp,
                            on_step=on_step)
@@ -676,8 +703,7 @@ class EdgeAgent:
                                                         bytes_done=min(size, (index + 1) * report.update.chunk_size)),
                                       detail)
         self._ack_due = time.monotonic() + self.settings.ack_timeout
-        self._report_progress(self._progress_of(report, "uploading", bytes_done=size, bytes_total=size), detail,
-                              force=True)
+        self._report_progress(self._progress_of(report, "uploading", bytes_done=size, bytes_total=size), detail)
 
 
 def _kb(size: int) -> str:

@@ -37,9 +37,9 @@ from orchestrator.site_limits import Refusals, SiteRateLimits
 from shared.blobs import CHUNK_HEADER_BYTES, BlobInbox, BlobOutbox, ChunkError, decode_chunk, iter_chunks
 from shared.blobstore import BlobStore
 from shared.config import OrchestratorSettings
-from shared.protocol import (Alert, AlertState, ChunkRequest, EvalMetrics, Message, ModelPublished, OrchestratorStatus, ProtocolError,
-                             RoundCommand, RoundSummary, SecAggAdvert, SecAggReveal, SecAggShares, SiteStatus,
-                             UpdateAck, UpdateReport, parse_message)
+from shared.protocol import (Alert, AlertState, ChunkRequest, EvalMetrics, Message, ModelPublished, OrchestratorStatus,
+                             ProtocolError, RoundCommand, RoundSummary, SecAggAdvert, SecAggReveal, SecAggShares,
+                             SiteStatus, UpdateAck, UpdateReport, parse_message)
 from shared.topics import Topics
 from shared.transport import Incoming, Transport
 

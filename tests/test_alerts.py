@@ -170,7 +170,8 @@ def test_privacy_above_its_share_of_the_ceiling_alerts_per_level(monitor, publis
     assert (alert.id, alert.severity, alert.site) == ("privacy_budget:federation", "warning", None)
     monitor.site_status("va", _status(privacy=_spent(10.0, "sample")))
     by_id = {a.id: a for a in published[-1]}
-    assert by_id["privacy_budget:va"].severity == "critical" and "dp_sgd_max_epsilon" in by_id["privacy_budget:va"].action
+    sample = by_id["privacy_budget:va"]
+    assert sample.severity == "critical" and "dp_sgd_max_epsilon" in sample.action
 
 
 def test_thresholds_come_from_the_settings(clock, published):
