@@ -37,6 +37,7 @@ from orchestrator.site_limits import Refusals, SiteRateLimits
 from shared.blobs import CHUNK_HEADER_BYTES, BlobInbox, BlobOutbox, ChunkError, decode_chunk, iter_chunks
 from shared.blobstore import BlobStore
 from shared.config import OrchestratorSettings
+from shared.pki import MONITOR_PREFIX
 from shared.protocol import (Alert, AlertState, ChunkRequest, EvalMetrics, Message, ModelPublished, OrchestratorStatus,
                              ProtocolError, RoundCommand, RoundSummary, SecAggAdvert, SecAggReveal, SecAggShares,
                              SiteStatus, UpdateAck, UpdateReport, parse_message)
@@ -178,6 +179,11 @@ class OrchestratorService:
     def handle(self, msg: Incoming) -> None:
         site = self.topics.site_of(msg.topic)
         if site is None:
+            return
+        if site.startswith(MONITOR_PREFIX):
+            # A monitor's certificate that the broker's ACL does not name yet has a site's rights
+            # there: whatever it publishes is refused here, never taken for a site's word.
+            self.refusals.refuse(site, "monitor_identity", f"monitor identities publish nothing; dropped {msg.topic}")
             return
         chunk = Topics.is_chunk(msg.topic)
         # Chunks of the site's own upload in flight are bounded by that upload: never charged.

@@ -226,7 +226,7 @@ def test_a_revoked_site_takes_no_part(mosquitto, tmp_path, caplog, site_has_crl)
     assert [v.version for v in registry.list()] == [0, 1]
     assert set(registry.get(1).contributors) == {"cleveland", "hungary", "switzerland"}
     logged = [r.getMessage() for r in caplog.records]
-    refused_by_orchestrator = [m for m in logged if m.startswith("rejected a message from va") and "revoked" in m]
+    refused_by_orchestrator = [m for m in logged if m.startswith("refused from site va (secagg") and "revoked" in m]
     if site_has_crl:
         assert any("cannot use this site's identity for secure aggregation" in m and "revoked" in m
                    for m in logged), logged

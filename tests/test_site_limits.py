@@ -46,3 +46,23 @@ def test_refusals_are_counted_per_site_and_reason_and_logged_with_the_site(caplo
     assert refusals.total == LOG_BURST + 23
     assert refusals.snapshot() == {"clumsy": {"round_not_open": 1},
                                    "evil": {"rate_limited": LOG_BURST + 21, "wrong_sender": 1}}
+
+
+def test_a_monitor_identity_publishing_as_a_site_is_refused_not_taken_for_a_site(tmp_path) -> None:
+    """A monitor certificate the broker's ACL does not name yet gets a site's rights there; the orchestrator refuses it."""
+    from orchestrator.service import OrchestratorService
+    from shared.config import OrchestratorSettings
+    from shared.protocol import SiteStatus
+    from shared.topics import Topics
+    from shared.transport import Incoming
+
+    settings = OrchestratorSettings(broker_url="mqtt://127.0.0.1:1", federation="f", state_dir=tmp_path,
+                                    task_features=["x"])
+    service = OrchestratorService(settings)
+    status = SiteStatus(federation="f", sender="monitor-grafana", state="idle", agent_version="1")
+    service.handle(Incoming(Topics("f").site("monitor-grafana", "status"), status.to_bytes(), True))
+    assert "monitor-grafana" not in service.presence
+    assert service.refusals.count("monitor-grafana", "monitor_identity") == 1
+    honest = SiteStatus(federation="f", sender="site-a", state="idle", agent_version="1")
+    service.handle(Incoming(Topics("f").site("site-a", "status"), honest.to_bytes(), True))
+    assert "site-a" in service.presence, "the control: a site's status is taken"
