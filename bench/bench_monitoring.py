@@ -1,12 +1,14 @@
-"""The cost of monitoring: the demo federation's round time with and without ``fedmq exporter`` attached.
+"""The cost of monitoring: the demo federation's round time with and without an exporter and a watcher attached.
 
 The script starts its own Mosquitto and runs the demo federation (four Heart Disease
 hospitals, logistic regression, 100 local steps of batch 4; orchestrator and agents as
 threads of this process, ``fedmq.inprocess``) ``2 x --pairs`` times, alternately without
 and with monitoring (the order flips every pair, so a drift in the machine's load hits both
-sides alike). "With" means what an operator runs: ``fedmq exporter`` as its own process,
-subscribed to the monitoring topics, and a scraper fetching ``/metrics`` every
-``--scrape-interval`` seconds (Prometheus' default is 15 s; 1 s is the harsh case).
+sides alike). "With" means what operators run: ``fedmq exporter`` as its own process,
+subscribed to the monitoring topics, a scraper fetching ``/metrics`` every
+``--scrape-interval`` seconds (Prometheus' default is 15 s; 1 s is the harsh case), and
+``fedmq watch`` drawing the live view in a pseudo-terminal of 160 x 48 (a real terminal:
+piped, rich would draw only the last frame).
 
 Figures, all from what the federation publishes:
 
@@ -30,9 +32,13 @@ CPU, as they would not on a hospital's own server; a loaded machine moves absolu
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
+import pty
+import struct
+import termios
 import socket
 import statistics
 import subprocess
@@ -117,6 +123,49 @@ def exporter_attached(broker: Broker, federation: str, interval: float, run: Run
 
 
 @contextmanager
+def watcher_attached(broker: Broker, federation: str) -> Iterator[None]:
+    """``fedmq watch`` in a pseudo-terminal for the duration of the block; its screen is read and dropped."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 48, 160, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-m", "fedmq", "watch", "--broker", broker.url, "--federation",
+                             federation], stdin=slave, stdout=slave, stderr=slave, env={**env, "TERM": "xterm"})
+    os.close(slave)
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                if not os.read(master, 65536):
+                    return
+            except OSError:  # the watcher closed the terminal
+                return
+
+    reader = threading.Thread(target=drain, name="watch-screen", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        os.write(master, b"q")
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        stop.set()
+        os.close(master)
+        reader.join(5)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fedmq watch ended with exit code {proc.returncode}")
+
+
+@contextmanager
+def monitors_attached(broker: Broker, federation: str, interval: float, run: Run) -> Iterator[None]:
+    with exporter_attached(broker, federation, interval, run), watcher_attached(broker, federation):
+        yield
+
+
+@contextmanager
 def status_counter(broker: Broker, federation: str, run: Run) -> Iterator[None]:
     """Count the payload bytes each site publishes on its status topic while the block runs."""
     topics = Topics(federation)
@@ -148,7 +197,7 @@ def run_federation_once(broker: Broker, root: Path, index: int, attached: bool, 
     orch = orch.model_copy(update={"federation": federation})
     agents = [a.model_copy(update={"federation": federation}) for a in agents]
     run = Run(attached, [], 0.0)
-    with exporter_attached(broker, federation, interval, run) if attached else \
+    with monitors_attached(broker, federation, interval, run) if attached else \
             status_counter(broker, federation, run):
         started = time.monotonic()
         with round_summaries(broker.url, federation) as summaries:
@@ -178,7 +227,7 @@ def main() -> None:
             for attached in order:
                 run = run_federation_once(broker, Path(tmp), pair, attached, args.rounds, args.scrape_interval)
                 runs.append(run)
-                print(f"pair {pair + 1} {'with' if attached else 'without'} exporter: round wall median "
+                print(f"pair {pair + 1} {'with' if attached else 'without'} exporter and watcher: round wall median "
                       f"{statistics.median(run.walls) * 1000:.0f} ms", file=sys.stderr)
     off = [w for r in runs if not r.attached for w in r.walls]
     on = [w for r in runs if r.attached for w in r.walls]
@@ -202,8 +251,8 @@ def main() -> None:
     print(f"\n{info['date']}  {info['cpu']} x{info['cpu_count']}  load {info['load_average']}  "
           f"commit {info['code']['commit']}")
     print("| figure | value |\n|---|---:|")
-    print(f"| round wall time, median, without exporter | {figures['round_wall_ms_without']:.0f} ms |")
-    print(f"| round wall time, median, with exporter + scrape every {args.scrape_interval:g} s | "
+    print(f"| round wall time, median, without monitoring | {figures['round_wall_ms_without']:.0f} ms |")
+    print(f"| round wall time, median, with exporter + scrape every {args.scrape_interval:g} s + fedmq watch | "
           f"{figures['round_wall_ms_with']:.0f} ms |")
     print(f"| ratio with / without, all rounds | {figures['ratio_with_over_without']:.3f} |")
     print(f"| ratio with / without, median of the {len(pair_ratios)} pairs | **{figures['median_pair_ratio']:.3f}** "

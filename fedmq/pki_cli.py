@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.broker_acl import CONTAINER_MONITORS
-from shared.pki import BROKER, ORCHESTRATOR, FederationPki, PkiError
+from shared.pki import BROKER, ORCHESTRATOR, FederationPki, Issued, PkiError
 
 app = typer.Typer(help="Federation PKI: CA, broker, orchestrator, operator, per-site and monitor certificates.",
                   no_args_is_help=True)
@@ -63,6 +63,17 @@ def init(
     console.print(f"next: `fedmq pki issue-site {directory} SITE_ID` for each hospital")
 
 
+def _issue(directory: Path, issue: Callable[[FederationPki], Issued], container_owners: bool
+           ) -> tuple[FederationPki, Issued]:
+    """Issue one client certificate, say where it went, and hand its key to the container user if asked."""
+    pki = _run(lambda: FederationPki(directory))
+    issued = _run(lambda: issue(pki))
+    console.print(f"issued {issued.name}: {issued.cert_path} and {issued.key_path}")
+    if container_owners:
+        _give_keys(pki, [issued.name])
+    return pki, issued
+
+
 @app.command("issue-site")
 def issue_site(
     directory: DirArg,
@@ -71,11 +82,7 @@ def issue_site(
     container_owners: ContainerOwnersOption = False,
 ) -> None:
     """Issue one hospital's client certificate."""
-    pki = _run(lambda: FederationPki(directory))
-    issued = _run(lambda: pki.issue_site(site_id, force=force))
-    console.print(f"issued {issued.name}: {issued.cert_path} and {issued.key_path}")
-    if container_owners:
-        _give_keys(pki, [issued.name])
+    _, issued = _issue(directory, lambda pki: pki.issue_site(site_id, force=force), container_owners)
     console.print(f"hand the site ca.crt, crl.pem, {issued.cert_path.name} and {issued.key_path.name} over a "
                   f"secure channel; nothing else in {directory}")
 
@@ -88,11 +95,7 @@ def issue_monitor(
     container_owners: ContainerOwnersOption = False,
 ) -> None:
     """Issue a read-only monitor certificate (fleet state, summaries and alerts; no chunks, no publishing)."""
-    pki = _run(lambda: FederationPki(directory))
-    issued = _run(lambda: pki.issue_monitor(name, force=force))
-    console.print(f"issued {issued.name}: {issued.cert_path} and {issued.key_path}")
-    if container_owners:
-        _give_keys(pki, [issued.name])
+    pki, issued = _issue(directory, lambda pki: pki.issue_monitor(name, force=force), container_owners)
     if name not in CONTAINER_MONITORS:
         console.print(f"the broker admits it once its ACL names it: `python -m shared.broker_acl OUT_DIR --monitor "
                       f"{name}` (add every other monitor too), mount OUT_DIR as the broker's config and send it SIGHUP")

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 
 from orchestrator.journal import RoundJournal, RoundRecord
-from orchestrator.registry import ModelRegistry, ModelVersion, RegistryError
+from orchestrator.registry import ModelRegistry, ModelVersion, RegistryError, StorageError
 from shared.protocol import EvalMetrics, RoundSummary
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ def load_history(state_dir: Path) -> History:
         versions = registry.list()
         journal = RoundJournal(registry.conn)
         stored, failed = journal.summaries(), journal.failed()
+    except StorageError as e:  # the file is there but damaged (or not SQLite at all)
+        raise ReportError(f"{root / DB_NAME} is not a readable fedmq registry ({e}); {WHAT_TO_DO}") from None
     except RegistryError:
         raise ReportError(f"{state_dir} is not an orchestrator state dir (no {DB_NAME} in it); {WHAT_TO_DO}") from None
     except sqlite3.Error as e:

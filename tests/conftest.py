@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -23,3 +24,11 @@ def fresh_mosquitto() -> Iterator[Broker]:
     broker = start_mosquitto()
     yield broker
     broker.stop()
+
+
+@pytest.fixture()
+def no_fedmq_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FEDMQ_* variable of the developer's shell may leak into a test that reads settings."""
+    for name in list(os.environ):
+        if name.startswith("FEDMQ_"):
+            monkeypatch.delenv(name)

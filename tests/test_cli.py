@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,11 +20,7 @@ from shared.onnx_model import load_model_bytes
 from shared.protocol import EvalMetrics, PrivacySpent
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("FEDMQ_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_fedmq_env")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,8 @@ from shared.config import AgentSettings, CommonSettings, OrchestratorSettings, l
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No FEDMQ_* variable of the developer's shell may leak into these tests."""
-    for name in list(os.environ):
-        if name.startswith("FEDMQ_"):
-            monkeypatch.delenv(name)
+def clean_env(no_fedmq_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing of the developer's shell or working directory leaks into these tests."""
     monkeypatch.chdir(tmp_path)
 
 

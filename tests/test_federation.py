@@ -27,7 +27,7 @@ from shared.config import CommonSettings
 from shared.protocol import (ChunkRequest, RoundCommand, SiteStatus, UpdateAck, UpdateReport)
 from shared.topics import Topics
 from shared.transport import Transport
-from tests.mqtt_helpers import next_message
+from tests.mqtt_helpers import next_message, open_round_updates
 
 FLAMBY_FEDAVG_POOLED = 0.748
 
@@ -59,21 +59,6 @@ def test_heart_federation_reaches_published_fedavg_accuracy(mosquitto, tmp_path)
     assert final.training["local_steps"] == 100 and final.training["batch_size"] == 4
 
 
-def _open_round_updates(db: Path) -> tuple[int, int]:
-    """(round number of the open attempt, updates stored for it), read like an operator would."""
-    if not db.exists():
-        return 0, 0
-    try:
-        with sqlite3.connect(db) as conn:
-            row = conn.execute("SELECT round_id, round FROM rounds WHERE state='open'").fetchone()
-            if row is None:
-                return 0, 0
-            n = conn.execute("SELECT COUNT(*) FROM updates WHERE round_id=?", (row[0],)).fetchone()[0]
-    except sqlite3.OperationalError:  # the orchestrator has not created its tables yet
-        return 0, 0
-    return row[1], n
-
-
 def test_orchestrator_killed_mid_round_resumes_without_losing_a_version(fresh_mosquitto, tmp_path):
     rounds = 4
     # Slow sites down a little so the kill lands while a round is collecting.
@@ -93,7 +78,7 @@ def test_orchestrator_killed_mid_round_resumes_without_losing_a_version(fresh_mo
         with run_federation(None, agents) as fed:
             deadline = time.monotonic() + 180
             while True:
-                rnd, stored = _open_round_updates(db)
+                rnd, stored = open_round_updates(db)
                 if rnd >= 2 and stored >= 1:  # round 2 may close between two looks on a busy machine
                     break
                 assert proc.poll() is None, log_path.read_text()[-3000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shlex
 import shutil
@@ -42,11 +41,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BAR_BLUE = (0x1F, 0x77, 0xB4)  # the "bytes down" bars and the first site's line
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("FEDMQ_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_fedmq_env")
 
 
 @pytest.fixture(scope="module")

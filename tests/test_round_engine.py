@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
+
 
 from orchestrator.architectures import build_onnx
 from orchestrator.rounds import project_running_variances

@@ -29,7 +29,7 @@ from shared.config import AgentSettings, OrchestratorSettings, SecureAggregation
 from shared.pki import FederationPki, FederationTrust, load_ca_certificate, load_identity_key
 from shared.privacy.secagg import quantize
 from shared.privacy.secagg_layout import UpdateLayout
-from shared.protocol import (RoundCommand, SecAggAdvert, SecAggKeys, SecAggRoster, SecAggShares,
+from shared.protocol import (RoundCommand, SecAggKeys, SecAggRoster, SecAggShares,
                              SecureAggregationRound, TaskSpec, TrainingConfig, UpdateReport)
 
 SITES = ["a", "b", "c"]

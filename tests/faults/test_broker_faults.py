@@ -25,6 +25,7 @@ from orchestrator.journal import RoundJournal
 from orchestrator.registry import ModelRegistry
 from shared.broker import Broker, free_port, start_mosquitto
 from shared.config import AgentSettings, OrchestratorSettings
+from tests.mqtt_helpers import open_round_updates
 
 SITES = ("cleveland", "hungary", "switzerland", "va")
 # Reconnect quickly: the tests measure what the daemons do once the broker is back, not the backoff.
@@ -65,26 +66,12 @@ def _check_lineage(state_dir: Path, rounds: int) -> list[tuple[str, int, str, li
     return [(rid, attempt, state, [u.site for u in journal.updates(rid)]) for rid, attempt, state in rows]
 
 
-def _open_round(db: Path) -> tuple[int, int]:
-    """(round number of the open attempt, updates stored for it), read like an operator would."""
-    if not db.exists():
-        return 0, 0
-    try:
-        with sqlite3.connect(db) as conn:
-            row = conn.execute("SELECT round_id, round FROM rounds WHERE state='open'").fetchone()
-            if row is None:
-                return 0, 0
-            return row[1], conn.execute("SELECT COUNT(*) FROM updates WHERE round_id=?", (row[0],)).fetchone()[0]
-    except sqlite3.OperationalError:  # tables not created yet
-        return 0, 0
-
-
 def _wait_training(fed: Federation, db: Path, first_round: int, timeout: float) -> int:
     """Until, in a round from ``first_round`` on (returned), no update is stored yet and at least
     half the sites train: their reports will be sent while the broker is down."""
     deadline = time.monotonic() + timeout
     while True:
-        rnd, stored = _open_round(db)
+        rnd, stored = open_round_updates(db)
         training = sum(a.current_state == "training" for a in fed.agents.values())
         if rnd >= first_round and stored == 0 and 2 * training >= len(fed.agents):
             return rnd
@@ -192,11 +179,11 @@ def _kill_mid_round(tmp_path: Path, caplog: pytest.LogCaptureFixture, *, persist
         with run_federation(orch, agents) as fed:
             if store is not None:
                 _wait_saved(fed, store, timeout=60)
-            killed_round = _wait_training(fed, db, max(2, _open_round(db)[0] + 1), timeout=60)
+            killed_round = _wait_training(fed, db, max(2, open_round_updates(db)[0] + 1), timeout=60)
             broker.kill()
             killed = time.time()
             assert killed_round < rounds, "the kill came too late to leave rounds after it"
-            assert _open_round(db)[0] == killed_round and _open_round(db)[1] < len(SITES), \
+            assert open_round_updates(db)[0] == killed_round and open_round_updates(db)[1] < len(SITES), \
                 f"round {killed_round} closed before the kill"
             time.sleep(3.0)
             broker = start_mosquitto(port=port, persistence_dir=store)
