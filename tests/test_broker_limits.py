@@ -87,9 +87,8 @@ def test_the_largest_chunk_size_the_refusal_suggests_passes_on_the_longest_topic
     topic = topics.to_site_chunk("s" * 63, manifest.blob_id, 2 ** 32 - 1)
     with Transport(settings, "largest-sub", persistent_session=False) as sub, \
             Transport(settings, "largest-pub", persistent_session=False) as pub:
+        pub.publish(topic, payload, retain=True).wait_for_publish(10)  # retained: however late the subscription
         sub.subscribe(topics.everything)
-        assert sub.connected.wait(5)
-        pub.publish(topic, payload).wait_for_publish(10)
         received = sub.get(timeout=10)
     assert received is not None and received.payload == payload, "the largest suggested chunk did not arrive"
     assert "oversize packet" not in _broker_log(limited_mosquitto)
