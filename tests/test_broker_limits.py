@@ -121,10 +121,10 @@ def test_demo_mqtt_version_follows_the_option_and_the_embedded_broker():
 def test_demo_with_mqtt_version_3_1_1_runs_every_process_over_it(limited_mosquitto, tmp_path):
     summary_path = tmp_path / "summary.json"
     result = CliRunner().invoke(app, ["demo", "--broker", limited_mosquitto.url, "--mqtt-version", "3.1.1",
-                                      "--rounds", "2", "--local-steps", "5", "--state-dir", str(tmp_path / "state"),
+                                      "--rounds", "1", "--local-steps", "5", "--state-dir", str(tmp_path / "state"),
                                       "--summary-json", str(summary_path)])
     assert result.exit_code == 0, result.output
-    assert json.loads(summary_path.read_text())["rounds"] == 2
+    assert json.loads(summary_path.read_text())["rounds"] == 1
     # Mosquitto logs "New client connected from ADDR as ID (pN, ...)": p2 is MQTT 3.1.1, p5 is MQTT 5.
     connected = re.findall(r"New client connected from \S+ as (\S+) \((p\d)", _broker_log(limited_mosquitto))
     clients = {client: protocol for client, protocol in connected}
