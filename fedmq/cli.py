@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
@@ -345,7 +345,10 @@ def demo(rounds: int = typer.Option(15, help="Training rounds."),
          batch_size: int = typer.Option(4, help="Local batch size."),
          strategy: str = typer.Option("fedavg", help="Aggregation strategy."),
          secure_aggregation: bool = typer.Option(False, help="Sum the updates under secure aggregation: the "
-                                                  "orchestrator sees only their sum.")) -> None:
+                                                  "orchestrator sees only their sum."),
+         mqtt_version: Optional[Literal["3.1.1", "5"]] = typer.Option(
+             None, help="MQTT version of every process (default 5; 3.1.1 for a broker that speaks only that, such "
+             "as Debian's RabbitMQ 3.10, and for the embedded amqtt fallback).")) -> None:
     """Four hospitals (Heart Disease) federate a logistic regression with FedAvg, live."""
     from fedmq.demo import DemoOptions, run_demo
 
@@ -353,7 +356,8 @@ def demo(rounds: int = typer.Option(15, help="Training rounds."),
     try:
         summary = run_demo(DemoOptions(rounds=rounds, broker_url=broker, state_dir=state_dir,
                                        learning_rate=learning_rate, local_steps=local_steps, batch_size=batch_size,
-                                       strategy=strategy, secure_aggregation=secure_aggregation))
+                                       strategy=strategy, secure_aggregation=secure_aggregation,
+                                       mqtt_version=mqtt_version))
     except RuntimeError as e:
         _fail(str(e))
     if summary_json is not None:

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -53,6 +53,7 @@ class DemoOptions:
     round_timeout: float = 300.0
     timeout: float = 1800.0
     secure_aggregation: bool = False
+    mqtt_version: Literal["3.1.1", "5"] | None = None  # None: 5, or 3.1.1 for the embedded amqtt broker
 
 
 def heart_features() -> list[str]:
@@ -107,6 +108,19 @@ def with_secure_aggregation(orchestrator: OrchestratorSettings, agents: list[Age
     return orchestrator.model_copy(update={"secure_aggregation": secure}), signed
 
 
+def demo_mqtt_version(opts: DemoOptions, broker: Broker | None) -> str:
+    """The MQTT version every process of the demo speaks: the one asked for, else what the broker speaks.
+
+    Why a choice: a broker of the operator's may speak only MQTT 3.1.1 (Debian's RabbitMQ
+    3.10), and the embedded fallback amqtt speaks nothing else.
+    """
+    amqtt = broker is not None and broker.kind == "amqtt"
+    if amqtt and opts.mqtt_version == "5":
+        raise RuntimeError("the embedded amqtt broker speaks MQTT 3.1.1 only: drop --mqtt-version 5, or install "
+                           "mosquitto (`apt-get install -y mosquitto`) for MQTT 5")
+    return opts.mqtt_version or ("3.1.1" if amqtt else "5")
+
+
 def _spawn(args: list[str], settings: CommonSettings, log_path: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_")}
     env.update(settings_env(settings))
@@ -156,7 +170,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
             broker = start_embedded_broker()
             console.print(f"started an embedded {broker.kind} broker at {broker.url}")
         url = opts.broker_url or broker.url
-        mqtt_version = "3.1.1" if broker is not None and broker.kind == "amqtt" else "5"
+        mqtt_version = demo_mqtt_version(opts, broker)
         orchestrator, agents = heart_settings(url, root, opts, mqtt_version=mqtt_version)
         if opts.secure_aggregation:
             orchestrator, agents = with_secure_aggregation(orchestrator, agents, root / "pki")

@@ -1,7 +1,8 @@
 """Chunked transfer of binary payloads (models, updates) over MQTT.
 
 Large messages are slow and memory-hungry on brokers, so a payload travels as chunks of at
-most ``chunk_size`` bytes (1 MiB by default). Each chunk carries, in its own payload, the
+most ``chunk_size`` bytes (512 KiB by default: with its header, topic and MQTT framing a
+chunk must fit the smallest packet limit brokers ship with, EMQX's 1 MB). Each chunk carries, in its own payload, the
 blob id (sha256 of the whole), its index and the chunk count, so routing does not depend on
 topics or MQTT 5 properties. The receiver checks every chunk against the manifest, and the
 whole against the blob id; a missing chunk can be asked for again with ``ChunkRequest``.
@@ -22,11 +23,25 @@ from shared.protocol import BlobManifest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 512 * 1024
 _MAGIC = b"FMQC"
 _HEADER = struct.Struct(">4sB32sII")  # magic, format version, blob sha256, index, count
 _VERSION = 1
 CHUNK_HEADER_BYTES = _HEADER.size
+# The most a chunk's MQTT PUBLISH packet adds to its data: the chunk header (41), the longest chunk
+# topic (225: two 63-character names, a 64-character blob id, a 10-digit index) with its length
+# (2), the fixed header (5), the packet id (2) and MQTT 5's properties length (1): 276, rounded up.
+CHUNK_PACKET_OVERHEAD = 512
+
+
+def chunk_packet_bytes(chunk_size: int) -> int:
+    """The largest MQTT packet a chunk of ``chunk_size`` data bytes travels in: what the broker must accept."""
+    return chunk_size + CHUNK_PACKET_OVERHEAD
+
+
+def largest_chunk_size(max_packet_bytes: int) -> int:
+    """The largest chunk size (a whole number of KiB) whose packets a broker accepting ``max_packet_bytes`` takes."""
+    return (max_packet_bytes - CHUNK_PACKET_OVERHEAD) // 1024 * 1024
 
 
 class ChunkError(ValueError):

@@ -43,7 +43,9 @@ class CommonSettings(BaseSettings):
                                        description="seconds before the first retry of an unreachable broker")
     reconnect_max_delay: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False,
                                        description="cap of the doubling retry delay (jittered: half to all of it)")
-    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024,
+                            description="data bytes per chunk of a model or update; each chunk's MQTT packet is up to "
+                            "512 bytes larger and must fit the broker's packet limit (checked at connect on MQTT 5)")
     max_blob_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     state_dir: Path = Path(".fedmq")
     log_level: str = "INFO"

@@ -38,6 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from shared.blobs import chunk_packet_bytes, largest_chunk_size
 from shared.config import CommonSettings
 from shared.pki import PkiError, crl_beside, load_ca_certificate, load_verified_crl
 
@@ -252,6 +253,12 @@ class Transport:
                 log.warning("broker %s:%d refused %s for now: %s", self.address.host, self.address.port,
                             self.client_id, reason)
             return
+        refusal = self._packet_limit_refusal(properties)
+        if refusal is not None:  # every chunk we sent would make the broker drop us: a reconnect loop
+            self._refused = refusal
+            log.error("%s", refusal)
+            client.disconnect()
+            return
         self._backoff.reset()
         self._connections += 1
         client.on_log = None  # only needed before the broker accepts us; it costs a formatted line per packet
@@ -268,6 +275,19 @@ class Transport:
                  "the broker kept our session" if flags.session_present
                  else "the broker had no session for us: subscriptions renewed")
         self._reconnected.set()
+
+    def _packet_limit_refusal(self, properties: Properties | None) -> str | None:
+        """Why our chunks cannot pass the broker's announced Maximum Packet Size (MQTT 5 CONNACK); None if they can."""
+        limit = getattr(properties, "MaximumPacketSize", None)
+        needed = chunk_packet_bytes(self.settings.chunk_size)
+        if limit is None or needed <= limit:
+            return None
+        fits = largest_chunk_size(limit)
+        fix = (f"set FEDMQ_CHUNK_SIZE to at most {fits}" if fits >= 1024 else
+               f"raise the broker's maximum packet size to at least {chunk_packet_bytes(1024)} bytes")
+        return (f"the broker at {self.settings.broker_url} accepts at most {limit} bytes per message, and chunks of "
+                f"FEDMQ_CHUNK_SIZE={self.settings.chunk_size} bytes travel in messages of up to {needed}: {fix} "
+                "(the same for the orchestrator and every site), or raise the broker's limit")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: mqtt.ReasonCode,
                        properties: Properties | None) -> None:

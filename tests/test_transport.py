@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.blobs import BlobInbox, iter_chunks, make_manifest
+from shared.blobs import BlobInbox, chunk_packet_bytes, iter_chunks, make_manifest
 from shared.broker import Broker, free_port, start_mosquitto
 from shared.broker_acl import start_tls_mosquitto
 from shared.config import CommonSettings
@@ -109,7 +109,7 @@ def test_three_mib_blob_in_one_mib_chunks(mosquitto: Broker, make_transport: Mak
     data = random.Random(3).randbytes(3 * 1024 * 1024 + 123)
     manifest = make_manifest(data, "application/onnx", chunk_size=1024 * 1024)
     assert manifest.count == 4
-    sub = make_transport(mosquitto.url)
+    sub = make_transport(mosquitto.url, max_message_bytes=chunk_packet_bytes(1024 * 1024))  # above the default
     pub = make_transport(mosquitto.url)
     _subscribed(pub, sub, topics.broadcast_chunks, topics.broadcast_chunk("probe", 0))
     for index, payload in iter_chunks(data, manifest):
