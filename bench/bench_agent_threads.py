@@ -8,7 +8,8 @@ Threads. 100 local steps (``edge_agent.trainer.train``, the agent's own training
   ``bench_round.py``) on synthetic rows, batch 32,
 
 with 1 and 2 torch threads (``edge_agent.trainer.use_threads``, what the agent applies at
-start), each in a fresh process, on an idle machine and with one core kept busy by a
+start), each in a fresh process, on the machine as found (the 1-minute load average is
+printed: "idle" only if nothing else runs) and with one more core's worth of work from a
 bounded busy-loop subprocess this script starts (a hospital server whose other work holds a
 core). Repetitions alternate the thread counts; medians and ratios come from the same run.
 
@@ -92,19 +93,20 @@ def _busy_loop() -> subprocess.Popen:
 
 def bench_threads(reps: int) -> list[dict]:
     rows = []
-    for load in ("idle", "one core busy"):
-        busy = _busy_loop() if load != "idle" else None
+    for load in ("as found", "+ 1 busy loop"):
+        busy = _busy_loop() if load != "as found" else None
         try:
             time.sleep(0.5 if busy else 0)
+            load_before = os.getloadavg()[0]
             for case in ("logreg", "mlp1m"):
                 times: dict[int, list[float]] = {1: [], 2: []}
                 for rep in range(reps):
                     for threads in ((1, 2) if rep % 2 == 0 else (2, 1)):
                         times[threads].append(_measure(case, threads))
                 m1, m2 = statistics.median(times[1]), statistics.median(times[2])
-                rows.append({"case": case, "load": load, "t1": m1, "t2": m2, "ratio": m2 / m1,
-                             "all": {str(k): v for k, v in times.items()}})
-                print(f"  {case:7s} {load:13s} 1 thread {m1:8.3f} s  2 threads {m2:8.3f} s  2/1 {m2 / m1:6.2f}x",
+                rows.append({"case": case, "load": load, "loadavg": (load_before, os.getloadavg()[0]), "t1": m1,
+                             "t2": m2, "ratio": m2 / m1, "all": {str(k): v for k, v in times.items()}})
+                print(f"  {case:7s} {load:13s} load avg {load_before:.1f} 1 thread {m1:8.3f} s  2 threads {m2:8.3f} s  2/1 {m2 / m1:6.2f}x",
                       file=sys.stderr, flush=True)
         finally:
             if busy is not None:
@@ -219,10 +221,12 @@ def main() -> None:
         rows = bench_threads(args.reps)
         result["threads"] = rows
         print(f"\n{STEPS} training steps, median of {args.reps} fresh processes each\n")
-        print("| model | load | 1 thread (s) | 2 threads (s) | 2 threads / 1 thread |")
-        print("|---|---|---:|---:|---:|")
+        print("| model | extra load | 1-min load avg (before → after) | 1 thread (s) | 2 threads (s) "
+              "| 2 threads / 1 thread |")
+        print("|---|---|---|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['case']} | {r['load']} | {r['t1']:.3f} | {r['t2']:.3f} | {r['ratio']:.2f}x |")
+            print(f"| {r['case']} | {r['load']} | {r['loadavg'][0]:.1f} → {r['loadavg'][1]:.1f} | {r['t1']:.3f} "
+                  f"| {r['t2']:.3f} | {r['ratio']:.2f}x |")
     if not args.skip_footprint:
         rows = [bench_footprint(src.resolve(), str(src), args.processes, args.settle) for src in args.source]
         rows.append(bench_footprint(ROOT, "this tree", args.processes, args.settle))

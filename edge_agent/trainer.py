@@ -67,22 +67,22 @@ class TrainResult:
     seconds: float
 
 
-def use_threads(threads: int | None) -> None:
-    """Fix this process's torch thread counts (``None`` or 0 keeps torch's default); evaluation follows them.
+def use_threads(threads: int) -> None:
+    """Fix this process's torch thread counts (0 keeps torch's default); evaluation follows them.
 
     The inter-op pool can only be sized before torch's first parallel work, so it is set here
     at start-up; when that moment has passed (a second agent in the same process), it keeps
     its size and only the intra-op count changes, which is where training spends its threads.
     """
-    if not threads:
-        return
-    torch.set_num_threads(threads)
-    if torch.get_num_interop_threads() != threads:
-        try:
-            torch.set_num_interop_threads(threads)
-        except RuntimeError:  # parallel work has started in this process: the pool's size is fixed
-            log.debug("torch inter-op threads stay at %d (already in use)", torch.get_num_interop_threads())
-    log.info("training and scoring on %d CPU thread(s) (setting torch_threads)", threads)
+    if threads:
+        torch.set_num_threads(threads)
+        if torch.get_num_interop_threads() != threads:
+            try:
+                torch.set_num_interop_threads(threads)
+            except RuntimeError:  # parallel work has started in this process: the pool's size is fixed
+                pass
+    log.info("training and scoring on %d intra-op / %d inter-op torch thread(s) (setting torch_threads=%d)",
+             torch.get_num_threads(), torch.get_num_interop_threads(), threads)
 
 
 def warm_up() -> None:

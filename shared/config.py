@@ -231,8 +231,8 @@ class AgentSettings(CommonSettings):
     dp_min_noise_share_std: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                                                  description="client-level DP floor: refuse train rounds whose "
                                                  "distributed noise share std is smaller (needs dp_max_clip_norm)")
-    torch_threads: int | None = Field(default=1, ge=0, description="CPU threads for local training and scoring "
-                                      "(torch and onnxruntime); 0 or None = torch's default (one per core). 1 "
+    torch_threads: int = Field(default=1, ge=0, description="CPU threads for local training and scoring "
+                                      "(torch and onnxruntime); 0 = torch's default (one per core). 1 "
                                       "by default: the small tabular models federated here gain nothing from more, "
                                       "and on a server whose cores are busy a second thread made training ~100x "
                                       "slower (BENCHMARKS.md, agent threads)")
