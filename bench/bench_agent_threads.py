@@ -16,8 +16,9 @@ core). Repetitions alternate the thread counts; medians and ratios come from the
 Footprint. ``python -m fedmq agent run`` as a subprocess connected to a Mosquitto this script
 starts, ``--processes`` of them side by side, idle (no round yet): resident, proportional and
 private memory (``/proc/PID/smaps_rollup``) once every heartbeat says connected, and how
-many such processes fit in 24 GB (the shared library pages once, the private pages each). ``--source DIR`` runs the agent from another
-checkout (e.g. ``git archive <commit> | tar -x -C DIR``) to compare before and after a change.
+many such processes fit in 24 GB (the shared library pages once, the private pages each).
+``--source DIR`` runs the agent from another checkout (e.g. ``git archive <commit> | tar -x -C
+DIR``) to compare before and after a change.
 ``--importtime`` adds the memory after each heavy import of the agent's path.
 
     python bench/bench_agent_threads.py                  # threads (5 reps) + footprint
@@ -106,7 +107,8 @@ def bench_threads(reps: int) -> list[dict]:
                 m1, m2 = statistics.median(times[1]), statistics.median(times[2])
                 rows.append({"case": case, "load": load, "loadavg": (load_before, os.getloadavg()[0]), "t1": m1,
                              "t2": m2, "ratio": m2 / m1, "all": {str(k): v for k, v in times.items()}})
-                print(f"  {case:7s} {load:13s} load avg {load_before:.1f} 1 thread {m1:8.3f} s  2 threads {m2:8.3f} s  2/1 {m2 / m1:6.2f}x",
+                print(f"  {case:7s} {load:13s} load avg {load_before:.1f} 1 thread {m1:8.3f} s  "
+                      f"2 threads {m2:8.3f} s  2/1 {m2 / m1:6.2f}x",
                       file=sys.stderr, flush=True)
         finally:
             if busy is not None:
@@ -142,8 +144,9 @@ def bench_footprint(source: Path, label: str, processes: int, settle: float) -> 
                 env.update({"FEDMQ_BROKER_URL": broker.url, "FEDMQ_SITE_ID": f"site{i}", "FEDMQ_STATE_DIR": str(state),
                             "FEDMQ_DATA_TRAIN": str(DATA_DIR / "cleveland_train.csv"),
                             "FEDMQ_FEDERATION": "footprint", "PYTHONPATH": str(source)})
-                procs.append((subprocess.Popen([sys.executable, "-m", "fedmq", "agent", "run"], cwd=source, env=env,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), state / "health.json"))
+                proc = subprocess.Popen([sys.executable, "-m", "fedmq", "agent", "run"], cwd=source, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                procs.append((proc, state / "health.json"))
             deadline = time.monotonic() + 60 + 30 * processes
             for proc, health in procs:
                 while not (health.exists() and json.loads(health.read_text() or "{}").get("connected")):
@@ -172,15 +175,18 @@ def import_costs(source: Path) -> list[tuple[str, float, float]]:
     """Resident and private MB after each heavy import of ``fedmq agent run``'s path and torch's warm-up."""
     code = ("import sys, json\n"
             "def mb():\n"
-            "    kb = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/smaps_rollup').read().splitlines()[1:]}\n"
+            "    rollup = open('/proc/self/smaps_rollup').read().splitlines()[1:]\n"
+            "    kb = {l.split(':')[0]: int(l.split()[1]) for l in rollup}\n"
             "    return kb['Rss'] / 1024, (kb['Private_Clean'] + kb['Private_Dirty']) / 1024\n"
             "out = [('python', *mb())]\n"
             "for m in ['numpy', 'torch', 'onnx', 'pydantic', 'paho.mqtt.client', 'typer', 'rich.console', 'fedmq.cli',"
             " 'edge_agent.agent']:\n"
             "    __import__(m); out.append((m, *mb()))\n"
-            "loaded = [m for m in ('onnxruntime', 'scipy', 'matplotlib', 'docker', 'dp_accounting') if m in sys.modules]\n"
+            "loaded = [m for m in ('onnxruntime', 'scipy', 'matplotlib', 'docker', 'dp_accounting')\n"
+            "          if m in sys.modules]\n"
             "import edge_agent.trainer\n"
-            "edge_agent.trainer.warm_up(); out.append(('warm_up() (the first optimizer imports torch._dynamo)', *mb()))\n"
+            "edge_agent.trainer.warm_up()\n"
+            "out.append(('warm_up() (the first optimizer imports torch._dynamo)', *mb()))\n"
             "import onnxruntime; out.append(('onnxruntime (first evaluation)', *mb()))\n"
             "out.append(('already loaded after fedmq.cli + edge_agent.agent: ' + (', '.join(loaded) or 'none of "
             "onnxruntime, scipy, matplotlib, docker, dp_accounting'), 0, 0))\n"

@@ -233,9 +233,9 @@ class AgentSettings(CommonSettings):
                                                  "distributed noise share std is smaller (needs dp_max_clip_norm)")
     torch_threads: int = Field(default=1, ge=0, description="CPU threads for local training and scoring "
                                       "(torch and onnxruntime); 0 = torch's default (one per core). 1 "
-                                      "by default: the small tabular models federated here gain nothing from more, "
-                                      "and on a server whose cores are busy a second thread made training ~100x "
-                                      "slower (BENCHMARKS.md, agent threads)")
+                                      "by default: the small models federated here gain at most ~20% from a second, "
+                                      "and on a server whose other core is busy it made training 2.6x slower "
+                                      "(BENCHMARKS.md, agent threads)")
 
     @field_validator("site_id")
     @classmethod
