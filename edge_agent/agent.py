@@ -34,8 +34,8 @@ import numpy as np
 from edge_agent.data import DataError, LocalDataset, load_dataset, summarize
 from edge_agent.secure_update import SecureUpdate, SecureUpdateError, SiteIdentity
 from edge_agent.state import AgentState
-from edge_agent.trainer import DPSGDConfig, TrainingError, check_private_training, evaluate, finetune, warm_up, \
-    planned_steps, train
+from edge_agent.trainer import DPSGDConfig, TrainingError, check_private_training, evaluate, finetune, planned_steps, \
+    train, use_threads, warm_up
 from shared.blobs import BlobInbox, BlobOutbox, ChunkError, iter_chunks, make_manifest
 from shared.blobstore import BlobStoreError
 from shared.codec import CodecError, apply_model_delta, encode_tensors
@@ -111,6 +111,7 @@ class EdgeAgent:
     # lifetime -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         self._write_heartbeat(False)  # a previous container's heartbeat must not vouch for this one
+        use_threads(self.settings.torch_threads)  # before warm_up: torch's first parallel work fixes its pools
         warm_up()
         t = self.transport
         t.subscribe(self.topics.round)

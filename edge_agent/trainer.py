@@ -2,7 +2,12 @@
 
 Training runs the ONNX graph through the project's own executor (``shared.onnx_executor``):
 the model is data, no code from outside runs here. Evaluation uses onnxruntime on the very
-file the registry holds, so the scores are those of the deployed artefact.
+file the registry holds, so the scores are those of the deployed artefact. onnxruntime is
+imported on the first evaluation, not at start-up: an idle agent does not hold it.
+
+Both run on the thread count :func:`use_threads` fixed at the agent's start (setting
+``torch_threads``): torch's default, one thread per core, is a poor fit for the small models
+hospitals federate on servers whose cores other work keeps busy.
 
 With the site's sample-level differential privacy (:class:`DPSGDConfig`), every step is a
 DP-SGD step (``edge_agent.dp_sgd``) on a Poisson-sampled batch of expected size
@@ -11,6 +16,7 @@ DP-SGD step (``edge_agent.dp_sgd``) on a Poisson-sampled batch of expected size
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,13 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from edge_agent.dp_sgd import DPSGD
 from shared.onnx_executor import OnnxModule
 from shared.onnx_model import load_model_bytes, model_to_bytes, replace_initializers
 from shared.protocol import EvalMetrics, TrainingConfig
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -58,6 +65,24 @@ class TrainResult:
     num_samples: int
     metrics: dict[str, float]
     seconds: float
+
+
+def use_threads(threads: int) -> None:
+    """Fix this process's torch thread counts (0 keeps torch's default); evaluation follows them.
+
+    The inter-op pool can only be sized before torch's first parallel work, so it is set here
+    at start-up; when that moment has passed (a second agent in the same process), it keeps
+    its size and only the intra-op count changes, which is where training spends its threads.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+        if torch.get_num_interop_threads() != threads:
+            try:
+                torch.set_num_interop_threads(threads)
+            except RuntimeError:  # parallel work has started in this process: the pool's size is fixed
+                pass
+    log.info("training and scoring on %d intra-op / %d inter-op torch thread(s) (setting torch_threads=%d)",
+             torch.get_num_threads(), torch.get_num_interop_threads(), threads)
 
 
 def warm_up() -> None:
@@ -194,8 +219,10 @@ def finetune(model_bytes: bytes, x: np.ndarray, y: np.ndarray, cfg: TrainingConf
 
 def evaluate(model_bytes: bytes, x: np.ndarray, y: np.ndarray, loss: str) -> EvalMetrics:
     """Score a model file with onnxruntime; counts let the orchestrator pool across sites exactly."""
+    import onnxruntime as ort  # ~20 MB resident: loaded when the agent first scores, not while it idles
+
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts.intra_op_num_threads = torch.get_num_threads()  # the agent's thread setting (use_threads)
     sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     out = np.concatenate([sess.run(None, {name: x[i:i + 4096].astype(np.float32)})[0]

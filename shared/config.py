@@ -233,6 +233,11 @@ class AgentSettings(CommonSettings):
     dp_min_noise_share_std: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                                                  description="client-level DP floor: refuse train rounds whose "
                                                  "distributed noise share std is smaller (needs dp_max_clip_norm)")
+    torch_threads: int = Field(default=1, ge=0, description="CPU threads for local training and scoring "
+                                      "(torch and onnxruntime); 0 = torch's default (one per core). 1 "
+                                      "by default: the small models federated here gain at most ~20% from a second, "
+                                      "and on a server whose other core is busy it made training 2.6x slower "
+                                      "(BENCHMARKS.md, agent threads)")
 
     @field_validator("site_id")
     @classmethod

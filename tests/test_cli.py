@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 from fedmq.cli import app
+from fedmq.demo import DATA_DIR
 from orchestrator.architectures import build_onnx
 from orchestrator.registry import ModelRegistry, open_database
 from shared.blobstore import BlobStore
+from shared.broker import Broker
 from shared.onnx_model import load_model_bytes
 from shared.protocol import EvalMetrics, PrivacySpent
 
@@ -206,3 +211,34 @@ def test_agent_health_states(tmp_path: Path) -> None:
     _heartbeat(root, connected=False)
     offline = _run("agent", "health", "--state-dir", root)
     assert offline.exit_code != 0 and "not connected to the broker" in offline.stderr
+
+
+def test_agent_process_runs_on_its_configured_threads_and_idles_without_onnxruntime(mosquitto: Broker,
+                                                                                   tmp_path: Path) -> None:
+    """``fedmq agent run`` applies torch_threads at start (default 1); onnxruntime waits for the first scoring."""
+    more_than_cores = (os.cpu_count() or 1) + 1  # never torch's own default, so only the setting can give it
+    agents = {"default": {}, "configured": {"FEDMQ_TORCH_THREADS": str(more_than_cores)}}
+    procs = {}
+    for name, extra in agents.items():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_")} | extra | {
+            "FEDMQ_BROKER_URL": mosquitto.url, "FEDMQ_FEDERATION": f"threads-{os.getpid()}", "FEDMQ_SITE_ID": name,
+            "FEDMQ_STATE_DIR": str(tmp_path / name), "FEDMQ_DATA_TRAIN": str(DATA_DIR / "cleveland_train.csv")}
+        procs[name] = subprocess.Popen([sys.executable, "-m", "fedmq", "agent", "run"], env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        for name, proc in procs.items():
+            health = tmp_path / name / "health.json"
+            while not (health.exists() and json.loads(health.read_text() or "{}").get("connected")):
+                assert proc.poll() is None and time.monotonic() < deadline, f"agent {name} did not connect"
+                time.sleep(0.2)
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            assert "libtorch" in maps and "onnxruntime" not in maps, f"agent {name} loaded onnxruntime while idle"
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+    logs = {name: proc.communicate(timeout=30)[0] for name, proc in procs.items()}
+    assert "training and scoring on 1 intra-op / 1 inter-op torch thread(s) (setting torch_threads=1)" \
+        in logs["default"], logs["default"]
+    assert (f"training and scoring on {more_than_cores} intra-op / {more_than_cores} inter-op torch thread(s) "
+            f"(setting torch_threads={more_than_cores})") in logs["configured"], logs["configured"]
