@@ -88,6 +88,7 @@ from orchestrator.architectures import build_onnx
 from orchestrator.journal import RoundJournal
 from orchestrator.registry import open_database
 from orchestrator.service import OrchestratorService
+from shared.blobs import DEFAULT_CHUNK_SIZE
 from shared.broker import start_mosquitto
 from shared.config import AgentSettings, CommonSettings, OrchestratorSettings
 from shared.onnx_model import float_initializers, load_model_bytes
@@ -96,7 +97,7 @@ from shared.protocol import (ProtocolError, RoundCommand, RoundSummary, SiteStat
 from shared.topics import Topics
 from shared.transport import BrokerAddress, Transport
 
-CHUNK = 1024 * 1024
+CHUNK = DEFAULT_CHUNK_SIZE  # the raw baseline moves the same bytes in the chunks fedmq sends
 MIB = 1024 * 1024
 
 
