@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
-from typing import Literal, get_args
+from typing import get_args
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
@@ -44,23 +44,7 @@ from shared.transport import Transport
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:9464"  # loopback: metrics name sites and errors; serve wider on purpose only
-STALE_HEARTBEATS = 3  # a site silent for this many heartbeat periods counts as offline (monitoring contract)
-SiteHealth = Literal["up", "error", "offline"]
 ORCHESTRATOR_STATES = get_args(OrchestratorStatus.model_fields["state"].annotation)
-
-
-def site_health(status: SiteStatus, last_heartbeat: float | None, now: float) -> SiteHealth:
-    """The monitoring contract's classification: offline (will, or heartbeat stale), error, or up.
-
-    Stale needs both the heartbeat time and the period; a schema-1 agent sends neither, so
-    only its last will makes it offline.
-    """
-    if status.state == "offline":
-        return "offline"
-    if (last_heartbeat is not None and status.heartbeat_seconds is not None
-            and now - last_heartbeat > STALE_HEARTBEATS * status.heartbeat_seconds):
-        return "offline"
-    return "error" if status.state == "error" else "up"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -217,7 +201,7 @@ class FleetCollector(Collector):
                       "will keeps it: the site went offline after it)", ["site"])
         for site, status in sorted(s.sites.items()):
             last_beat = s.heartbeats.get(site)
-            up.add_metric([site], 1.0 if site_health(status, last_beat, now) == "up" else 0.0)
+            up.add_metric([site], 1.0 if status.health(now) == "up" else 0.0)
             for value in get_args(SiteState):
                 state.add_metric([site, value], 1.0 if status.state == value else 0.0)
             if status.last_error is not None:

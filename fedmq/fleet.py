@@ -17,16 +17,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from shared.config import CommonSettings
 from shared.protocol import (Alert, AlertState, Message, ModelPublished, OrchestratorStatus, ProtocolError,
-                             RoundSummary, SiteStatus, parse_message)
+                             RoundSummary, SiteHealth, SiteStatus, parse_message)
 from shared.topics import Topics
 from shared.transport import Transport
 
-Health = Literal["up", "error", "offline"]
-STALE_HEARTBEATS = 3  # a status older than this many heartbeat periods means the agent is gone (the spec's rule)
 ROUND_PHASES = ("downloading", "evaluating", "training", "uploading")
 SITE_ALERTS = ("site_offline", "site_error")  # alerts that repeat what a site's own status says
 
@@ -42,11 +40,11 @@ class SiteRow:
     """One site as a monitor classifies it at a given time."""
 
     site: str
-    health: Health
+    health: SiteHealth
     status: SiteStatus
     last_seen: float | None
     last_seen_exact: bool  # False: the agent was alive at ``last_seen`` or later (a last will's time is unknown)
-    stale: bool  # offline because its heartbeat is older than STALE_HEARTBEATS periods, not because it said so
+    stale: bool  # offline because its heartbeat is older than STALE_HEARTBEATS periods (shared/protocol.py), not because it said so
     model_version: int | None  # the version it runs, or (a last will says none) the last one it was seen running
 
 
@@ -94,12 +92,7 @@ class FleetView:
             last_seen = max(t for t in (self._heartbeats.get(site), status.connected_at, status.sent_at)
                             if t is not None)
             exact = False
-        stale = (status.state not in ("offline", "error") and status.heartbeat_at is not None
-                 and status.heartbeat_seconds is not None
-                 and now - status.heartbeat_at > STALE_HEARTBEATS * status.heartbeat_seconds)
-        health: Health = "offline" if status.state == "offline" or stale else \
-            "error" if status.state == "error" else "up"
-        return SiteRow(site, health, status, last_seen, exact, stale,
+        return SiteRow(site, status.health(now), status, last_seen, exact, status.stale(now),
                        self._versions.get(site, active_model_version(status)))
 
     def site_rows(self, now: float) -> list[SiteRow]:

@@ -20,11 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.config import AlertSettings
-from shared.protocol import Alert, AlertKind, EvalMetrics, PrivacySpent, RoundSummary, SiteStatus
+from shared.protocol import STALE_HEARTBEATS, Alert, AlertKind, EvalMetrics, PrivacySpent, RoundSummary, SiteStatus
 
 log = logging.getLogger(__name__)
 
-STALE_HEARTBEATS = 3
 """A site whose status is older than this many of its heartbeat periods counts as offline."""
 
 

@@ -422,6 +422,10 @@ class AgentResources(_Monitored):
     disk_free_bytes: int = Field(ge=0)
 
 
+STALE_HEARTBEATS = 3  # a status not re-published for this many heartbeat periods: the agent is gone
+SiteHealth = Literal["up", "error", "offline"]
+
+
 class SiteStatus(Message):
     """Retained state of an agent (docs/monitoring.md); its last will publishes the same with ``state='offline'``.
 
@@ -456,6 +460,17 @@ class SiteStatus(Message):
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
+
+    def stale(self, now: float) -> bool:
+        """A live status whose agent stopped re-publishing it (a schema-1 agent sends no heartbeat: never stale)."""
+        return (self.state != "offline" and self.heartbeat_at is not None and self.heartbeat_seconds is not None
+                and now - self.heartbeat_at > STALE_HEARTBEATS * self.heartbeat_seconds)
+
+    def health(self, now: float) -> SiteHealth:
+        """The monitoring contract's classification: offline (last will or stale), error, or up."""
+        if self.state == "offline" or self.stale(now):
+            return "offline"
+        return "error" if self.state == "error" else "up"
 
 
 class OrchestratorStatus(Message):
