@@ -63,10 +63,9 @@ class RoundPublisher(SecAggPublisher, Protocol):
                       site_metrics: dict[str, EvalMetrics], personalized: dict[str, EvalMetrics],
                       seconds: dict[str, float]) -> None: ...
     def status(self, state: str, detail: str = "") -> None: ...
-    def round_ended(self, round_id: str) -> None:
-        """The attempt closed or failed: whatever is still arriving for it can be let go."""
-    def round_failed(self, record: RoundRecord, detail: str) -> None:
-        """The attempt failed (it will be retried): monitors hear of it."""
+    def round_ended(self, record: RoundRecord, failure: str | None = None) -> None:
+        """The attempt closed, or failed (``failure``, it will be retried): what still arrives for it can be let go,
+        and monitors hear of a failure."""
 
 
 class UpdateRejected(ValueError):
@@ -185,7 +184,7 @@ class RoundEngine:
                       "retrying the round with fresh keys")
             log.warning("round %d attempt %d: %s", record.round, record.attempt, detail)
             self.journal.fail(record.round_id, detail)
-            self.publisher.round_failed(record, detail)
+            self.publisher.round_ended(record, detail)
             record = None
         if record is not None:
             grace = min(self.settings.round_timeout, 60.0)
@@ -354,8 +353,7 @@ class RoundEngine:
             return
         log.error("round %d attempt %d %s; retrying", rec.round, rec.attempt, detail)
         self.current = None
-        self.publisher.round_ended(rec.round_id)
-        self.publisher.round_failed(rec, detail)
+        self.publisher.round_ended(rec, detail)
         self.state = "waiting"
         self.publisher.status("waiting", f"round {rec.round} attempt {rec.attempt} {detail}")
 
@@ -555,7 +553,7 @@ class RoundEngine:
                  f"; new version v{new_version.version}" if new_version else "")
         self.current = None
         self.state = "waiting"
-        self.publisher.round_ended(rec.round_id)
+        self.publisher.round_ended(rec)
         if new_version is not None:
             self.publisher.model_published(new_version)
         self.publisher.round_summary(rec, rec.base_version, new_version.version if new_version else None,

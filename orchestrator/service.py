@@ -424,12 +424,11 @@ class OrchestratorService:
         self._publish_retained(self.topics.round_summary, msg.to_bytes())
         self.alerts.round_summary(msg)
 
-    def round_failed(self, record: RoundRecord, detail: str) -> None:
-        self.alerts.round_failed(record.round, record.attempt, detail)
-
-    def round_ended(self, round_id: str) -> None:
-        """Release the uploads still arriving for a round that closed or failed, and parked chunks."""
-        for upload in [u for u in self.uploads.values() if u.report.round_id == round_id]:
+    def round_ended(self, record: RoundRecord, failure: str | None = None) -> None:
+        """Release the uploads still arriving for a round that closed or failed, and parked chunks; alert a failure."""
+        if failure is not None:
+            self.alerts.round_failed(record.round, record.attempt, failure)
+        for upload in [u for u in self.uploads.values() if u.report.round_id == record.round_id]:
             self._drop_upload(upload, "round_ended", "the round ended before the upload completed")
         # Chunks parked for want of a report cannot belong to the next round: it is not announced yet.
         self.inbox.drop_orphans()
